@@ -1,0 +1,34 @@
+"""``llamaray <job> …``: one sub-command per job; each is also ``python -m jobs.<module> …``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# sub-command → module in jobs/ (each module has ``main(argv) -> int``).
+JOBS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("jobs.tokenizer", "train a SentencePiece BPE tokenizer on text files"),
+    "export": ("jobs.export", "write a checkpoint as a Hugging Face Llama directory"),
+    "import": ("jobs.import_model", "import an HF Llama directory or a GGUF file into a llamaray checkpoint"),
+    "generate": ("jobs.generate", "sample from a checkpoint with the reference sampler"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, JOBS))
+        print("usage: llamaray <job> [--config FILE] [--set key=value …]\n\njobs:")
+        for name, (_, doc) in JOBS.items():
+            print(f"  {name:<{width}}  {doc}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in JOBS:
+        print(f"llamaray: unknown job {name!r}; known: {', '.join(JOBS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(JOBS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
