@@ -1,0 +1,66 @@
+"""YAML presets + --set overrides → typed, validated dataclasses."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from jobs.config import load_config, parse_overrides
+from model.llama import ConfigError, ModelArgs
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    """learning rate"""
+    steps: int = 10
+    """steps"""
+
+
+@dataclass
+class Outer:
+    name: str = "run"
+    """run name"""
+    inner: Inner = field(default_factory=Inner)
+    """nested"""
+    model: ModelArgs = field(default_factory=ModelArgs)
+    """the model"""
+    tags: list[str] = field(default_factory=list)
+    """tags"""
+    out: Path | None = None
+    """output dir"""
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: a\ninner: {lr: 0.1}\nmodel: {preset: tiny, n_layers: 2}\n")
+    cfg = load_config(Outer, p, ["inner.steps=5", "model.dim=512", "tags=[x, y]", "out=/tmp/o"])
+    assert cfg.name == "a" and cfg.inner == Inner(lr=0.1, steps=5)
+    assert cfg.model.n_layers == 2 and cfg.model.dim == 512 and cfg.model.vocab_size == 4096
+    assert cfg.tags == ["x", "y"] and cfg.out == Path("/tmp/o")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["inner.stepz=3"], r"Outer.inner: unknown field\(s\) \['stepz'\]"),
+    (["inner.steps=three"], "Outer.inner.steps: expected an integer, got str 'three'"),
+    (["inner.lr=true"], "Outer.inner.lr: expected a number"),
+    (["inner=5"], "Outer.inner: expected a mapping"),
+    (["noequals"], "expects key=value"),
+    (["model.n_heads=5"], "not divisible"),
+])
+def test_bad_overrides_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="bad.yaml: the top level must be a mapping"):
+        load_config(Outer, p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+
+
+def test_parse_overrides_nests():
+    assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
