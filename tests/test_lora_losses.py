@@ -1,0 +1,74 @@
+"""LoRA wrapping/merging and the training objectives, on a small random model."""
+
+import pytest
+import torch
+
+from model.llama import ModelArgs, build_model
+from model.lora import LoraConfig, add_lora, has_lora, load_lora_state_dict, lora_state_dict, merge_lora
+from model.losses import IGNORE, dpo_loss, next_token_loss, sequence_logprobs
+
+
+def small_model(seed=0):
+    return build_model(ModelArgs.from_name("tiny", n_layers=2, vocab_size=101), seed=seed)
+
+
+def test_lora_trains_only_adapters_and_merge_matches():
+    model = add_lora(small_model(), LoraConfig(rank=4, alpha=8, targets=("wq", "wv", "w2")))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
+    assert len(trainable) == 2 * 3 * 2  # 2 tensors × 3 targets × 2 layers
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randint(0, 101, (2, 9))
+    for _ in range(3):
+        loss = next_token_loss(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == trainable, "only adapter tensors may change"
+    with torch.no_grad():
+        adapted = model(x)
+        merged = merge_lora(model)
+        assert not has_lora(merged)
+        torch.testing.assert_close(merged(x), adapted, atol=1e-4, rtol=1e-4)
+    assert set(merged.state_dict()) == set(small_model().state_dict())  # plain Llama names again
+
+
+def test_adapter_state_roundtrip_and_mismatch():
+    cfg = LoraConfig(rank=2)
+    a = add_lora(small_model(), cfg)
+    for p in lora_state_dict(a).values():
+        assert p.numel() > 0
+    b = add_lora(small_model(), cfg)
+    load_lora_state_dict(b, lora_state_dict(a))
+    for k, v in lora_state_dict(a).items():
+        assert torch.equal(v, lora_state_dict(b)[k])
+    c = add_lora(small_model(), LoraConfig(rank=3))
+    with pytest.raises(ValueError, match="has shape"):
+        load_lora_state_dict(c, lora_state_dict(a), source="adapter.safetensors")
+
+
+@pytest.mark.parametrize(("kw", "msg"), [({"rank": 0}, "rank"), ({"dropout": 1.0}, "dropout"),
+                                         ({"targets": ("q_proj",)}, "unknown")])
+def test_lora_config_validation(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        LoraConfig(**kw)
+
+
+def test_masked_losses_ignore_prompt_tokens():
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE, IGNORE, 3, 4, IGNORE], [1, 2, 3, 4, 5]])
+    logp = torch.log_softmax(logits, -1)
+    expected0 = logp[0, 2, 3] + logp[0, 3, 4]
+    torch.testing.assert_close(sequence_logprobs(logits, labels)[0], expected0)
+    flat = torch.cat([-logp[0, 2, 3:4], -logp[0, 3, 4:5], -logp[1].gather(-1, labels[1].unsqueeze(-1)).squeeze(-1)])
+    torch.testing.assert_close(next_token_loss(logits, labels), flat.mean())
+
+
+def test_dpo_loss_prefers_chosen():
+    good = dpo_loss(torch.tensor([-1.0]), torch.tensor([-5.0]), torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1)
+    bad = dpo_loss(torch.tensor([-5.0]), torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1)
+    assert good.loss < bad.loss and good.accuracy == 1.0 and bad.accuracy == 0.0
+    torch.testing.assert_close(good.reward_margin, torch.tensor(0.4))
+    torch.testing.assert_close(good.loss, -torch.nn.functional.logsigmoid(torch.tensor(0.4)))
