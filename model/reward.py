@@ -1,0 +1,62 @@
+"""A reward model: the LLaMA trunk with a scalar head on the last non-pad token, trained with a pairwise loss.
+
+r(prompt, answer) = w · h_last + b. Training pushes r(chosen) above r(rejected): −log σ(r_c − r_r) (Bradley–Terry, as
+in InstructGPT / Llama 2). Also here: the policy's own length-normalised log-likelihood, the cheap fallback scorer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.llama import ModelArgs, Transformer
+from model.losses import IGNORE, sequence_logprobs
+
+
+class RewardModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.trunk = Transformer(args)
+        self.head = nn.Linear(args.dim, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: Transformer) -> "RewardModel":
+        """Start from a language model's weights (the usual recipe); the LM head is kept but unused."""
+        rm = cls(policy.args)
+        rm.trunk.load_state_dict(policy.state_dict())
+        return rm
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """tokens (B, T) right-padded, lengths (B,) → rewards (B,), read at each row's last real token."""
+        h = self.trunk.hidden_states(tokens)  # (B, T, dim)
+        last = h[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (B, dim)
+        return self.head(last.float()).squeeze(-1)
+
+
+def pairwise_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
+    """(loss, accuracy) of the Bradley–Terry objective on reward pairs (B,)."""
+    return -F.logsigmoid(chosen - rejected).mean(), (chosen > rejected).float().mean()
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad token lists → tokens (B, T), lengths (B,)."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out, lengths
+
+
+@torch.inference_mode()
+def mean_logprob(model: Transformer, prompt: list[int], answer: list[int]) -> float:
+    """The policy's length-normalised log-likelihood of ``answer`` after ``prompt`` (nats per token)."""
+    if not answer:
+        return float("-inf")
+    ids = torch.tensor([prompt + answer])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, len(prompt):] = ids[0, len(prompt):]
+    logits = model(ids[:, :-1])
+    return float(sequence_logprobs(logits, labels[:, 1:])[0]) / len(answer)
