@@ -21,6 +21,7 @@ Stops (OpenAI / vLLM semantics): eos (unless ``ignore_eos``) and ``stop_token_id
 finish_reason "stop"; the stop token is kept in ``token_ids`` but not in ``text``. A stop string ends it too and the
 text is cut before the stop string (the string itself is excluded). ``max_new_tokens`` reached → "length".
 
+With a tokenizer smaller than the model's (padded) vocabulary, ids the tokenizer cannot decode are masked out.
 Over-long requests: prompt length + max_new_tokens > model.args.max_seq_len raises ValueError (no silent clamping).
 Logprobs are the model's own log-probabilities (log_softmax of the raw logits, before temperature/top-k/top-p).
 """
@@ -251,6 +252,10 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]],
     cache = KVCache.empty(args, B0, capacity, device=device, dtype=dtype)
     h = model.hidden_states(tokens, positions, cache, mask)[:, -1]  # (B0, dim): last prompt token
     logits = model.output(h).float()  # (B0, V)
+    # a model vocabulary padded past the tokenizer's: never sample an id the tokenizer cannot decode
+    decodable = tokenizer.vocab_size if tokenizer is not None and tokenizer.vocab_size < args.vocab_size else None
+    if decodable is not None:
+        logits[:, decodable:] = float("-inf")
 
     # ---- n samples per prompt: copy each prompt's cache rows n times
     seqs: list[_Seq] = []
@@ -329,6 +334,8 @@ def stream(model: Transformer, prompts: Sequence[Sequence[int]],
         step_mask = valid[:, None, None, :S]  # (B, 1, 1, S)
         h = model.hidden_states(chosen[:, None], next_pos[:, None], cache, step_mask)[:, -1]  # (B, dim)
         logits = model.output(h).float()  # (B, V)
+        if decodable is not None:
+            logits[:, decodable:] = float("-inf")
         next_pos += 1
 
 

@@ -200,3 +200,63 @@ def test_bad_requests_get_clear_errors(model):
     # exactly at the limit is fine
     out = generate(model, [[1] * 59], SamplingParams(max_new_tokens=5, temperature=0))
     assert len(out[0][0].token_ids) == 5
+
+
+# ------------------------------------------------------------------------------------------ the generate job
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny random model with a real SentencePiece tokenizer, exported as an HF directory."""
+    from model.hf import save_hf
+    from model.tokenizer import SentencePieceTokenizer
+
+    d = tmp_path_factory.mktemp("gen")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(f"the {a} cat sat on the {b} mat {i} times" for i, (a, b) in
+                                enumerate([("red", "blue"), ("big", "small"), ("old", "new")] * 40)))
+    with pytest.warns(UserWarning):  # the corpus is too small for 400 ids
+        tok = SentencePieceTokenizer.train([corpus], vocab_size=400)
+    args = ModelArgs.from_name("tiny", n_layers=2, vocab_size=512)  # padded past the tokenizer
+    save_hf(build_model(args).init_weights(std=0.2, seed=0), tok, d / "hf")
+    return d / "hf"
+
+
+def test_generate_job_prints_the_samplers_completions(hf_dir, capsys):
+    import json
+
+    from jobs.cli import main as cli_main
+    from model.hf import load_hf
+
+    rc = cli_main(["generate", "--set", f"model={hf_dir}", "--set", "prompt=[the red cat, a]",
+                   "--set", "temperature=0", "--set", "max_new_tokens=10", "--set", "json=true", "--set", "n=2"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(x["prompt_index"], x["sample"]) for x in lines] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    model, tok = load_hf(hf_dir)
+    assert all(i < tok.vocab_size for x in lines for i in x["token_ids"])  # padded ids are never sampled
+    direct = generate(model, [tok.encode("the red cat", bos=True)], SamplingParams(max_new_tokens=10, temperature=0),
+                      tokenizer=tok)[0][0]
+    assert lines[0]["token_ids"] == lines[1]["token_ids"] == direct.token_ids
+    assert lines[0]["text"] == direct.text and lines[0]["finish_reason"] == direct.finish_reason
+
+    rc = cli_main(["generate", "--set", f"model={hf_dir}", "--set", "prompt=hello", "--set", "chat=true",
+                   "--set", "max_new_tokens=4", "--set", "seed=3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("--- prompt 0 sample 0 (")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["prompt=hi"], "generate.model: give the HF model directory"),
+    (["model={dir}", "prompt=hi", "top_p=0"], "generate.top_p"),
+    (["model={dir}", "prompt=hi", "temperature=-1"], "generate.temperature"),
+    (["model={dir}"], "generate.prompt"),
+    (["model={dir}", "prompt=hi", "max_new_tokens=600"], "max_seq_len=512"),
+    (["model={dir}/nope", "prompt=hi"], "nope"),
+])
+def test_generate_job_rejects_bad_settings(hf_dir, capsys, overrides, message):
+    from jobs.generate import main as job_main
+
+    argv = [a for o in overrides for a in ("--set", o.format(dir=hf_dir))]
+    assert job_main(argv) == 2
+    assert message in capsys.readouterr().err
