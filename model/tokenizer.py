@@ -405,6 +405,47 @@ class HFTokenizer:
             raise ValueError(f"{self.directory}: the tokenizer has no chat_template (tokenizer_config.json)")
         return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[bool]]:
+        """A chat as ids plus a mask that is True on each assistant turn's tokens, for SFT.
+
+        Works for any prefix-stable template (rendering messages[:k] is a prefix of rendering messages[:k+1]; ChatML
+        templates such as SmolLM2's are): the masked text of assistant turn k is what the template adds after the
+        generation prompt — the content plus the template's end-of-turn text (for ChatML ``<|im_end|>\\n``).
+        Text segments are tokenized one by one, so the mask is exact; the ids equal tokenizing the whole rendered text
+        except where a byte-level BPE would merge whitespace across a segment boundary (content starting with
+        whitespace). Raises ValueError for templates that rewrite earlier turns, and for a chat whose first message
+        is the assistant's (there is no prompt to render before it).
+        """
+        msgs = validate_messages(messages)
+        segments: list[tuple[str, bool]] = []
+        prev = ""
+        for k, m in enumerate(msgs):
+            full = self.apply_chat_template(msgs[:k + 1], add_generation_prompt=False)
+            if m["role"] == "assistant":
+                if k == 0:
+                    raise ValueError("render_chat: the chat starts with an assistant message; nothing to prompt it")
+                head = self.apply_chat_template(msgs[:k], add_generation_prompt=True)
+            else:
+                head = full
+            if not (head.startswith(prev) and full.startswith(head)):
+                raise ValueError(f"{self.directory}: the chat template is not prefix-stable at message {k} "
+                                 "(it rewrites earlier turns), so assistant tokens cannot be masked")
+            segments.append((head[len(prev):], False))
+            segments.append((full[len(head):], m["role"] == "assistant"))
+            prev = full
+        if add_generation_prompt:
+            final = self.apply_chat_template(msgs, add_generation_prompt=True)
+            segments.append((final[len(prev):], False))
+        ids: list[int] = []
+        mask: list[bool] = []
+        for text, masked in segments:
+            if text:
+                seg = self.tok.encode(text, add_special_tokens=False)
+                ids += seg
+                mask += [masked] * len(seg)
+        return ids, mask
+
     def save(self, out_dir: str | Path) -> None:
         self.tok.save_pretrained(str(out_dir))
 

@@ -265,6 +265,10 @@ def test_check_vocab(trained):
         check_vocab(tok, 1000, "ckpt/config.json")
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")  # SmolLM2's format
+
+
 def make_gpt2_style_dir(corpus: Path, out: Path) -> Path:
     """A byte-level BPE tokenizer without a bos token, saved the way HF checkpoints ship it (tokenizer.json)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -276,8 +280,9 @@ def make_gpt2_style_dir(corpus: Path, out: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     raw.train([str(corpus)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>")
-    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    fast = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHATML
     fast.save_pretrained(str(out))
     return out
 
@@ -295,7 +300,7 @@ def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
     ids = gpt2.encode(text, bos=True, eos=True)
     assert ids[0] == ids[-1] == gpt2.eos_id and gpt2.decode(ids[1:-1]) == text
     chat = [{"role": "user", "content": "hi"}]
-    assert gpt2.apply_chat_template(chat) == "user: hi\n"
+    assert gpt2.apply_chat_template(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="role must be one of"):
         gpt2.apply_chat_template([{"role": "robot", "content": "hi"}])
     with pytest.raises(ValueError, match=r"tokenizer has \d+ ids but the model's vocab_size is 10"):
@@ -309,6 +314,28 @@ def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
         load_tokenizer(empty)
     with pytest.raises(FileNotFoundError, match=r"not-a-dir does not exist"):
         load_tokenizer(tmp_path / "not-a-dir")
+
+
+@pytest.mark.parametrize("chat", CHATS[:3])
+def test_hf_tokenizer_render_chat_mask(corpus, tmp_path, chat):
+    gpt2 = HFTokenizer(make_gpt2_style_dir(corpus, tmp_path / "gpt2"))
+    for gen in (False, True):
+        ids, mask = gpt2.render_chat(chat, add_generation_prompt=gen)
+        hf_ids = gpt2.tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen, return_dict=False)
+        assert ids == list(hf_ids)  # same ids as tokenizing the whole rendered text
+        runs, cur = [], []
+        for i, m in zip(ids + [None], mask + [False]):
+            if m:
+                cur.append(i)
+            elif cur:
+                runs.append(gpt2.decode(cur))
+                cur = []
+        assert runs == [m["content"] + "<|im_end|>\n" for m in chat if m["role"] == "assistant"]
+    with pytest.raises(ValueError, match="starts with an assistant message"):
+        gpt2.render_chat([{"role": "assistant", "content": "hi"}])
+    gpt2.tok.chat_template = "{{ messages | length }}: {{ messages[-1]['content'] }}"  # rewrites earlier turns
+    with pytest.raises(ValueError, match="not prefix-stable at message 1"):
+        gpt2.render_chat(chat)
 
 
 def test_tokenizer_job(corpus, tmp_path, capsys):
