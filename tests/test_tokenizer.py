@@ -358,3 +358,23 @@ def test_tokenizer_job(corpus, tmp_path, capsys):
     empty.write_text("\n\n", encoding="utf-8")
     rc = tokenizer_job.main(["--set", f"input=[{empty}]", "--set", f"out={tmp_path / 'x'}"])
     assert rc == 2 and "contain no text" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+def test_vllm_tokenizer_agrees(trained):
+    """vLLM loads the saved directory through its own tokenizer registry: same ids, same chat text.
+
+    No engine is started (the tokenizer is all that is under test); vLLM's chat endpoint tokenizes the rendered
+    chat with add_special_tokens=False and its completions endpoint with True — both are checked here.
+    """
+    vllm_tokenizers = pytest.importorskip("vllm.tokenizers")
+    tok, out = trained
+    vt = vllm_tokenizers.get_tokenizer(str(out))
+    for chat in CHATS:
+        text = vt.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        assert text == tok.apply_chat_template(chat)
+        assert vt.encode(text, add_special_tokens=False) == tok.render_chat(chat, add_generation_prompt=True)[0]
+    for text in ROUND_TRIP:
+        assert vt.encode(text, add_special_tokens=False) == tok.encode(text), repr(text)
+        assert vt.encode(text) == tok.encode(text, bos=True), repr(text)
+        assert vt.decode(tok.encode(text)) == text
