@@ -439,6 +439,9 @@ def load_hf(ckpt_dir: str | Path, *, device: str | torch.device = "cpu",
     if any((ckpt / name).exists() for name in TOKENIZER_FILES):
         from model.tokenizer import load_tokenizer  # model/tokenizer.py: SentencePiece or HF tokenizer
 
-        tokenizer = load_tokenizer(ckpt)
+        try:
+            tokenizer = load_tokenizer(ckpt)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{ckpt}: the tokenizer files cannot be loaded: {e}") from e
         check_tokenizer_fits(tokenizer, args.vocab_size, f"{ckpt} tokenizer vs {cfg_path}")
     return model, tokenizer
