@@ -7,10 +7,11 @@ Runbook::
     # the same, as `ray job submit` runs it:
     python -m jobs.tokenizer --set 'input=[a.txt,b.txt]' --set vocab_size=4096 --set out=runs/tok
 
+The list is YAML: quote an item that starts with ``*`` (``'input=["*.txt"]'``), else YAML reads it as an alias.
 Inputs are files or glob patterns: ``.txt`` (every non-blank line is a training sentence) and ``.jsonl`` (the string
 field ``text_field`` of every record; its lines are sentences). The output directory holds ``tokenizer.model``,
 ``tokenizer_config.json`` (with the chat template) and ``special_tokens_map.json`` — what ``AutoTokenizer``, vLLM and
-``model.tokenizer.load_tokenizer`` read — and prints one JSON line (vocab size, lines, seconds).
+``model.tokenizer.load_tokenizer`` read — and prints one JSON line (output directory, files, vocab size, seconds).
 
 What it leaves out: it runs on the local process (one CPU thread; a few MB of text trains in seconds) — no Ray, since
 SentencePiece training is single-node anyway. Corpora are read fully into memory; sample a large corpus first.
@@ -46,7 +47,8 @@ class TokenizerJobConfig:
     text_field: str = "text"
     """The string field of each .jsonl record that holds the text."""
     max_sentence_length: int = 4096
-    """Longest training sentence in bytes; longer lines are cut into chunks of this size before training."""
+    """Longest training sentence in bytes: lines are cut into chunks of max_sentence_length // 4 characters (a UTF-8
+    character takes at most 4 bytes), so SentencePiece never silently drops a long line."""
     seed: int = 0
     """Seed of SentencePiece's random generator (training is deterministic for a given seed and input)."""
     exact_vocab: bool = False

@@ -7,8 +7,8 @@ temporary directory; AutoTokenizer loads that directory as a user (or vLLM) woul
 from __future__ import annotations
 
 import json
+import pickle
 import random
-import warnings
 from pathlib import Path
 
 import pytest
@@ -292,6 +292,8 @@ def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
     ours = load_tokenizer(out)
     assert isinstance(ours, SentencePieceTokenizer)
     assert ours.encode("你好 world") == tok.encode("你好 world") and ours.model_max_length == 512
+    # Ray ships tokenizers to workers by pickling them
+    assert pickle.loads(pickle.dumps(ours)).encode("你好 <s> world") == tok.encode("你好 <s> world")
 
     gpt2 = load_tokenizer(make_gpt2_style_dir(corpus, tmp_path / "gpt2"))
     assert isinstance(gpt2, HFTokenizer)
@@ -299,6 +301,7 @@ def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
     text = "  Hello 你好 🙂\n\tworld  "
     ids = gpt2.encode(text, bos=True, eos=True)
     assert ids[0] == ids[-1] == gpt2.eos_id and gpt2.decode(ids[1:-1]) == text
+    assert pickle.loads(pickle.dumps(gpt2)).encode(text) == gpt2.encode(text)
     chat = [{"role": "user", "content": "hi"}]
     assert gpt2.apply_chat_template(chat) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="role must be one of"):
