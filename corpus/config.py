@@ -41,8 +41,9 @@ class SourceConfig:
         if not self.text_field:
             raise ConfigError(f"data.sources[{self.path!r}].text_field: must not be empty")
         if not self.name:
-            stem = self.path.rstrip("/").split("/")[-1]
-            self.name = stem.split(".")[0].replace("*", "") or "source"
+            # the last path component without glob characters: "s3://b/web/*.jsonl" → "web", "a/books.jsonl" → "books"
+            parts = [q for q in self.path.rstrip("/").split("/") if q and not any(c in q for c in "*?[")]
+            self.name = (parts[-1].split(".")[0] if parts else "") or "source"
 
 
 @dataclass

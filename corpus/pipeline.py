@@ -221,7 +221,7 @@ def _read_source(files: _Files, cfg: DataConfig) -> Iterator[dict[str, Any]]:
             ds = ray.data.read_text(paths, include_paths=True, **kw).map_batches(
                 functools.partial(_parse_jsonl, src.text_field))
         else:
-            ds = ray.data.read_parquet(paths, columns=[src.text_field], **kw).map_batches(
+            ds = ray.data.read_parquet(paths, **kw).select_columns([src.text_field]).map_batches(
                 functools.partial(_parquet_text, src.text_field))
         ds = _ordered(ds.map_batches(functools.partial(_clean_batch, cfg.clean), batch_size=256))
         yield from ds.iter_batches(batch_size=1024, batch_format="numpy")
