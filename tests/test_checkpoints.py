@@ -258,3 +258,123 @@ def test_names_cover_every_parameter():
         assert names == set(expected_shapes(args))
         assert len({to_hf_name(n) for n in expected_shapes(args)}) == len(expected_shapes(args))
         assert dataclasses.replace(args) == args_from_hf_config(hf_config_from_args(args))
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizers(tmp_path_factory):
+    """Two real SentencePiece tokenizers (300 and 320 ids) trained on a small generated corpus."""
+    from model.tokenizer import SentencePieceTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    words = ["alpha", "beta", "gamma", "delta", "llama", "ray", "export", "tensor", "shard", "token"]
+    lines = [" ".join(words[(i * j) % len(words)] for j in range(1, 9)) for i in range(400)]
+    (d / "corpus.txt").write_text("\n".join(lines) + "\n")
+    small = SentencePieceTokenizer.train([d / "corpus.txt"], d / "small", vocab_size=300, exact_vocab=True)
+    big = SentencePieceTokenizer.train([d / "corpus.txt"], d / "big", vocab_size=320, exact_vocab=True)
+    return small, big, d
+
+
+def test_tokenizer_round_trips_with_the_export(sp_tokenizers, tmp_path):
+    small, _, _ = sp_tokenizers
+    model = random_model(PRESETS["gqa-untied-llama3"])  # vocab 300
+    out = save_hf(model, small, tmp_path / "hf")
+    assert (out / "tokenizer.model").exists()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (small.bos_id, small.eos_id)
+    back, tok = load_hf(out)
+    text = "llama export tensor"
+    assert tok.encode(text) == small.encode(text)
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == small.encode(text)
+
+
+def test_tokenizer_larger_than_vocab_in_directory(sp_tokenizers, tmp_path):
+    small, big, _ = sp_tokenizers
+    out = save_hf(random_model(PRESETS["gqa-untied-llama3"]), small, tmp_path / "hf")
+    big.save(out)  # someone copies a 320-id tokenizer over the 300-row model
+    with pytest.raises(CheckpointError) as e:
+        load_hf(out)
+    msg = str(e.value)
+    assert str(out) in msg and "320" in msg and "'vocab_size' is 300" in msg, msg
+
+
+# ------------------------------------------------------------------------------------------- jobs
+
+
+def test_export_job_hf_to_bfloat16(tmp_path, capsys):
+    from jobs.export import main
+
+    src = save_hf(random_model(PRESETS["tiny"]), None, tmp_path / "fp32")
+    out = tmp_path / "bf16"
+    assert main(["--set", f"checkpoint={src}", "--set", f"out={out}", "--set", "dtype=bfloat16"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["source"] == "hf" and summary["dtype"] == "bfloat16"
+    assert summary["params"] == PRESETS["tiny"].num_params()
+    assert (out / "model.safetensors").stat().st_size < 0.6 * (src / "model.safetensors").stat().st_size
+    assert load_hf(out)[0].tok_embeddings.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--set", "out=x"], "export.checkpoint: required"),
+    (["--set", "checkpoint=/nonexistent/ckpt", "--set", "out=x"], "/nonexistent/ckpt: checkpoint directory not found"),
+    (["--set", "checkpoint=.", "--set", "out=y", "--set", "dtype=int8"], "export.dtype: 'int8'"),
+])
+def test_export_job_bad_settings(argv, needle, capsys):
+    from jobs.export import main
+
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_export_job_from_dcp_checkpoint(sp_tokenizers, tmp_path, capsys):
+    checkpointing = pytest.importorskip("jobs.checkpointing", reason="DCP checkpoints land with pretraining")
+    from jobs.export import main
+
+    small, _, tok_dir = sp_tokenizers
+    args = PRESETS["gqa-untied-llama3"]
+    model = random_model(args)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ckpt = tmp_path / "checkpoint_000001"
+    checkpointing.save(ckpt, model, opt, {"step": 1, "model": args.to_dict()}, rank=0)
+    out = tmp_path / "hf"
+    assert main(["--set", f"checkpoint={ckpt}", "--set", f"out={out}", "--set", f"tokenizer={tok_dir / 'small'}"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["source"] == "dcp"
+    back, tok = load_hf(out)
+    assert tok.encode("ray shard") == small.encode("ray shard")
+    x = prompt(args.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=0)
+
+
+def test_import_job_hf_dir_as_module_and_cli(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.save_pretrained(tmp_path / "src")
+    out = tmp_path / "ours"
+    r = subprocess.run([sys.executable, "-m", "jobs.import_model", "--set", f"source={tmp_path / 'src'}",
+                        "--set", f"out={out}"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["source"] == "hf" and summary["params"] == ref.num_parameters() == ours_params(out)
+    assert f"imported {summary['params']:,} parameters" in r.stderr
+
+    from jobs.cli import main as cli
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({**cfg.to_dict(), "hidden_act": "relu"}))
+    assert cli(["import", "--set", f"source={bad}", "--set", f"out={tmp_path / 'x'}"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+def ours_params(d: Path) -> int:
+    return sum(p.numel() for p in load_hf(d)[0].parameters())
