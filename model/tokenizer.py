@@ -16,9 +16,11 @@ text)::
 No newlines are inserted around markers: every piece of content sits between two user-defined symbols, so tokenizing
 the whole rendered text and tokenizing message by message give the same ids, which is what makes ``render_chat``'s
 assistant mask exact. A chat turn ends with ``<|end|>``: samplers stop on ``stop_ids`` (``</s>`` and ``<|end|>``).
-The template begins with the BOS text ``<s>``, so a rendered chat is encoded with ``bos=False`` (as vLLM's chat endpoint
-and ``apply_chat_template(tokenize=True)`` do); ``encode`` turns the literal texts of the special tokens
-(``<s>``, ``</s>``, ``<unk>``, ``<pad>``) into their ids, exactly as transformers does.
+The template begins with the BOS text ``<s>`` (as Llama's templates do), so vLLM's chat endpoint and
+``apply_chat_template(tokenize=True)``, which tokenize without adding special tokens, get exactly one BOS. ``encode``
+turns the literal texts of the special tokens (``<s>``, ``</s>``, ``<unk>``, ``<pad>``) into their ids, as transformers
+does, and ``encode(chat_text, bos=True)`` does not add a second BOS — so ``encode(apply_chat_template(m))``,
+``encode(apply_chat_template(m), bos=True)`` and ``render_chat(m)[0]`` are the same ids.
 
 Files written by ``save``: ``tokenizer.model``, ``tokenizer_config.json`` (``"tokenizer_class": "LlamaTokenizer"``,
 ``add_prefix_space: false``, ``legacy: false``, the chat template) and ``special_tokens_map.json``. We do not call
@@ -247,15 +249,21 @@ class SentencePieceTokenizer:
         return [self.eos_id, self.marker_ids[END_MARKER]]
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        """Text → ids; the literal texts ``<s> </s> <unk> <pad>`` become their ids, chat markers are single ids."""
+        """Text → ids; the literal texts ``<s> </s> <unk> <pad>`` become their ids, chat markers are single ids.
+
+        ``bos=True`` prepends BOS unless the text already starts with it (a rendered chat does): never two BOS.
+        transformers' ``add_special_tokens=True`` would double it; this is the one place we differ, on purpose.
+        """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = [self.bos_id] if bos else []
+        ids: list[int] = []
         for part in self._special_re.split(text):
             if part in self._special_ids:
                 ids.append(self._special_ids[part])
             elif part:
                 ids.extend(self.sp.encode(part))
+        if bos and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)
         if eos:
             ids.append(self.eos_id)
         return ids
@@ -354,7 +362,8 @@ class HFTokenizer:
 
     ``bos_id``: the tokenizer's bos_token_id; when it has none (GPT-2-style BPEs), its eos_token_id — the GPT-2
     convention of one ``<|endoftext|>`` between documents. A tokenizer with neither is rejected. ``pad_id``: the
-    pad_token_id, else eos_id. ``encode`` never adds special tokens on its own: ``bos``/``eos`` decide.
+    pad_token_id, else eos_id. ``encode`` never adds special tokens on its own: ``bos``/``eos`` decide (and, as for
+    SentencePieceTokenizer, ``bos=True`` adds no second BOS to a text that already starts with one).
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -390,11 +399,18 @@ class HFTokenizer:
     def pad_id(self) -> int:
         return self._pad
 
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generation: the eos token (ChatML tokenizers such as SmolLM2's use ``<|im_end|>``)."""
+        return [self._eos]
+
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids = list(self.tok.encode(text, add_special_tokens=False))
-        return ([self._bos] if bos else []) + ids + ([self._eos] if eos else [])
+        if bos and ids[:1] != [self._bos]:  # never two BOS (a rendered ChatML chat starts with SmolLM2's BOS)
+            ids.insert(0, self._bos)
+        return ids + ([self._eos] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -96,6 +96,7 @@ def test_round_trip_is_exact(trained):
     assert tok.encode("hi", bos=True, eos=True)[0] == tok.bos_id
     assert tok.encode("hi", bos=True, eos=True)[-1] == tok.eos_id
     assert tok.decode(tok.encode("hi", bos=True, eos=True)) == "<s>hi</s>"
+    assert tok.encode("<s>hi", bos=True) == tok.encode("hi", bos=True)  # never two BOS
 
 
 def test_vocabulary_layout(trained):
@@ -170,6 +171,8 @@ def test_chat_template_matches_transformers(trained, hf, chat):
         ids, mask = tok.render_chat(chat, add_generation_prompt=gen)
         assert len(ids) == len(mask)
         assert ids == tok.encode(ours)  # the template's leading "<s>" text is the bos id
+        assert ids == tok.encode(ours, bos=True)  # ... and bos=True adds no second one
+        assert ids.count(tok.bos_id) == 1 + sum(m["content"].count("<s>") for m in chat)
         hf_ids = hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen)
         if isinstance(hf_ids, dict) or hasattr(hf_ids, "keys"):  # transformers 5 may return a BatchEncoding
             hf_ids = hf_ids["input_ids"]
@@ -298,6 +301,7 @@ def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
     gpt2 = load_tokenizer(make_gpt2_style_dir(corpus, tmp_path / "gpt2"))
     assert isinstance(gpt2, HFTokenizer)
     assert gpt2.bos_id == gpt2.eos_id == gpt2.pad_id  # no bos/pad token: <|endoftext|> stands in
+    assert gpt2.stop_ids == [gpt2.eos_id]
     text = "  Hello 你好 🙂\n\tworld  "
     ids = gpt2.encode(text, bos=True, eos=True)
     assert ids[0] == ids[-1] == gpt2.eos_id and gpt2.decode(ids[1:-1]) == text
@@ -326,6 +330,7 @@ def test_hf_tokenizer_render_chat_mask(corpus, tmp_path, chat):
         ids, mask = gpt2.render_chat(chat, add_generation_prompt=gen)
         hf_ids = gpt2.tok.apply_chat_template(chat, tokenize=True, add_generation_prompt=gen, return_dict=False)
         assert ids == list(hf_ids)  # same ids as tokenizing the whole rendered text
+        assert gpt2.encode(gpt2.apply_chat_template(chat, add_generation_prompt=gen), bos=True) == [gpt2.bos_id] + ids
         runs, cur = [], []
         for i, m in zip(ids + [None], mask + [False]):
             if m:
