@@ -16,6 +16,8 @@ text)::
 No newlines are inserted around markers: every piece of content sits between two user-defined symbols, so tokenizing
 the whole rendered text and tokenizing message by message give the same ids, which is what makes ``render_chat``'s
 assistant mask exact. A chat turn ends with ``<|end|>``: samplers stop on ``stop_ids`` (``</s>`` and ``<|end|>``).
+As in transformers, marker texts inside message content are tokenized as markers (content is not escaped); callers
+that take chat text from untrusted users and care should strip ``<|…|>`` markers first.
 The template begins with the BOS text ``<s>`` (as Llama's templates do), so vLLM's chat endpoint and
 ``apply_chat_template(tokenize=True)``, which tokenize without adding special tokens, get exactly one BOS. ``encode``
 turns the literal texts of the special tokens (``<s>``, ``</s>``, ``<unk>``, ``<pad>``) into their ids, as transformers

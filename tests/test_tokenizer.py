@@ -16,7 +16,7 @@ import pytest
 from jobs import cli
 from jobs import tokenizer as tokenizer_job
 from model.tokenizer import (CHAT_MARKERS, CHAT_TEMPLATE, END_MARKER, HFTokenizer, SentencePieceTokenizer,
-                             check_vocab, load_tokenizer)
+                             Tokenizer, check_vocab, load_tokenizer)
 
 VOCAB = 1200
 WORDS = ("the a model learns from data every token counts when training language systems on small machines "
@@ -293,13 +293,13 @@ def make_gpt2_style_dir(corpus: Path, out: Path) -> Path:
 def test_load_tokenizer_picks_the_right_class(trained, corpus, tmp_path):
     tok, out = trained
     ours = load_tokenizer(out)
-    assert isinstance(ours, SentencePieceTokenizer)
+    assert isinstance(ours, SentencePieceTokenizer) and isinstance(ours, Tokenizer)
     assert ours.encode("你好 world") == tok.encode("你好 world") and ours.model_max_length == 512
     # Ray ships tokenizers to workers by pickling them
     assert pickle.loads(pickle.dumps(ours)).encode("你好 <s> world") == tok.encode("你好 <s> world")
 
     gpt2 = load_tokenizer(make_gpt2_style_dir(corpus, tmp_path / "gpt2"))
-    assert isinstance(gpt2, HFTokenizer)
+    assert isinstance(gpt2, HFTokenizer) and isinstance(gpt2, Tokenizer)
     assert gpt2.bos_id == gpt2.eos_id == gpt2.pad_id  # no bos/pad token: <|endoftext|> stands in
     assert gpt2.stop_ids == [gpt2.eos_id]
     text = "  Hello 你好 🙂\n\tworld  "
