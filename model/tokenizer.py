@@ -185,9 +185,9 @@ class SentencePieceTokenizer:
               model_max_length: int | None = None) -> SentencePieceTokenizer:
         """Train a byte-fallback BPE tokenizer on .txt / .jsonl files; ``save`` it to ``out_dir`` when given.
 
-        A small corpus may not support ``vocab_size`` merges: SentencePiece then stops early (``hard_vocab_limit=False``)
-        and this warns with both numbers; ``exact_vocab=True`` makes that a ValueError instead. The result is
-        deterministic for the same files and arguments (one thread, fixed seed).
+        A small corpus may not support ``vocab_size`` merges: SentencePiece then stops early
+        (``hard_vocab_limit=False``) and this warns with both numbers; ``exact_vocab=True`` makes that a ValueError
+        instead. The result is deterministic for the same files and arguments (one thread, fixed seed).
         """
         if vocab_size < MIN_VOCAB + 1:
             raise ValueError(f"vocab_size={vocab_size} is too small: 4 control tokens + {len(CHAT_MARKERS)} chat "
