@@ -88,6 +88,7 @@ def test_greedy_chat_answer_names_paris(imported):
     prompt = tok.encode(tok.apply_chat_template(QUESTION))
     [[c]] = generate(model, [prompt], SamplingParams(max_new_tokens=16, temperature=0.0), tokenizer=tok)
     assert "Paris" in c.text, c.text
+    assert c.finish_reason == "stop" and c.token_ids[-1] == tok.eos_id  # it ends its turn with <|im_end|>
 
 
 @needs_gguf
@@ -100,6 +101,17 @@ def test_truncated_gguf_is_named(tmp_path):
             import_gguf(bad, tmp_path / "out")
         assert str(bad) in str(e.value), str(e.value)
         assert not (tmp_path / "out").exists()
+
+
+@needs_gguf
+def test_import_job_detects_gguf_by_magic(tmp_path):
+    from jobs.import_model import source_kind
+
+    assert source_kind(GGUF) == "gguf"
+    renamed = tmp_path / "weights.bin"
+    with open(GGUF, "rb") as src:
+        renamed.write_bytes(src.read(64))
+    assert source_kind(renamed) == "gguf"  # by content, not by name
 
 
 def test_not_a_gguf_and_missing_file(tmp_path):
