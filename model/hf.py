@@ -67,7 +67,10 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def to_hf_name(name: str) -> str:
-    """Our parameter name → the HF Llama name (``layers.3.attention.wq.weight`` → ``model.layers.3.self_attn.q_proj.weight``)."""
+    """Our parameter name → the HF Llama name.
+
+    ``layers.3.attention.wq.weight`` → ``model.layers.3.self_attn.q_proj.weight``.
+    """
     if name in _TOP_RENAMES:
         return _TOP_RENAMES[name]
     m = _LAYER_RE.fullmatch(name)
@@ -281,8 +284,13 @@ def _save_tokenizer(tokenizer: Any, out_dir: Path) -> None:
 def hf_state_dict(model: Transformer, *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Our weights under HF names, as contiguous CPU clones (safetensors refuses shared or strided storage)."""
     tied = model.args.tie_embeddings
+    state = model.state_dict()
+    if tied and state["output.weight"] is not state["tok_embeddings.weight"] \
+            and not torch.equal(state["output.weight"], state["tok_embeddings.weight"]):
+        raise CheckpointError("model.args.tie_embeddings is true but output.weight differs from tok_embeddings.weight "
+                              "(the tie was broken, e.g. by load_state_dict(assign=True)); re-tie before save_hf")
     out: dict[str, Tensor] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if name == "output.weight" and tied:
             continue  # the same tensor as the embedding; HF re-ties it from tie_word_embeddings
         if not isinstance(t, Tensor) or t.is_meta:

@@ -251,6 +251,13 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_broken_tie_is_refused(tmp_path):
+    model = random_model(PRESETS["tiny"])
+    model.output.weight = torch.nn.Parameter(model.tok_embeddings.weight.detach() + 1)  # tie_embeddings=True in args
+    with pytest.raises(CheckpointError, match="output.weight differs from tok_embeddings.weight"):
+        save_hf(model, None, tmp_path / "out")
+
+
 def test_names_cover_every_parameter():
     for args in PRESETS.values():
         model = build_model(args, device="meta")
