@@ -251,6 +251,13 @@ def _tokenize_batch(tok_dir: str, batch: pa.Table) -> pa.Table:
 
 # ---- cleaning (cached in <out>/work/clean) ------------------------------------------------------------------------
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Write then rename: a reader sees the whole marker or none (a crash mid-way leaves no DONE)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -320,7 +327,7 @@ def clean_corpus(cfg: DataConfig, out_dir: Path, files: list[_Files] | None = No
                          f"{', '.join(s.path for s in cfg.sources)}, removed {stats['removed']} "
                          f"(see data.clean.* thresholds)")
     (clean_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    done.write_text(json.dumps({"key": key}))
+    _atomic_write(done, json.dumps({"key": key}))
     return stats
 
 
@@ -351,7 +358,7 @@ def ensure_tokenizer(cfg: DataConfig, out_dir: Path, vocab_size: int) -> str:
                     out.write(t + "\n")
     shutil.rmtree(tok_dir, ignore_errors=True)
     SentencePieceTokenizer.train([text_file], tok_dir, vocab_size=vocab_size, seed=cfg.seed)
-    marker.write_text(key)
+    _atomic_write(marker, key)
     return str(tok_dir)
 
 
@@ -583,7 +590,7 @@ def prepare(cfg: DataConfig, out_dir: Path, *, max_seq_len: int | None = None) -
                  train_sequences=train_w.num_rows, val_sequences=val_w.num_rows,
                  tail_tokens_dropped={"train": train_tail, "val": val_tail}, config_hash=key)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    done.write_text(key + "\n")
+    _atomic_write(done, key + "\n")
     return PreparedData(out_dir / "train", out_dir / "val", train_w.num_rows, val_w.num_rows, cfg.seq_len, stats)
 
 
