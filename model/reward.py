@@ -60,3 +60,44 @@ def mean_logprob(model: Transformer, prompt: list[int], answer: list[int]) -> fl
     labels[0, len(prompt):] = ids[0, len(prompt):]
     logits = model(ids[:, :-1])
     return float(sequence_logprobs(logits, labels[:, 1:])[0]) / len(answer)
+
+
+HEAD_FILE = "reward_head.safetensors"
+
+
+def save_reward_model(rm: RewardModel, tokenizer, out_dir) -> None:
+    """An HF Llama directory for the trunk (so vLLM/transformers can read it) plus ``reward_head.safetensors``."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from model.hf import save_hf
+
+    save_hf(rm.trunk, tokenizer, out_dir)
+    save_file({"weight": rm.head.weight.detach().contiguous(), "bias": rm.head.bias.detach().contiguous()},
+              str(Path(out_dir) / HEAD_FILE))
+
+
+def load_reward_model(model_dir) -> RewardModel:
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.hf import CheckpointError, load_hf
+
+    head_path = Path(model_dir) / HEAD_FILE
+    if not head_path.exists():
+        raise CheckpointError(f"{head_path}: missing — {model_dir} is not a reward model (save_reward_model writes it)")
+    trunk, _ = load_hf(model_dir)
+    rm = RewardModel(trunk.args)
+    rm.trunk = trunk
+    try:
+        head = load_file(str(head_path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{head_path}: unreadable safetensors ({e})") from e
+    if set(head) != {"weight", "bias"} or tuple(head["weight"].shape) != (1, trunk.args.dim):
+        raise CheckpointError(f"{head_path}: expected tensors weight (1, {trunk.args.dim}) and bias (1,), "
+                              f"got { {k: tuple(v.shape) for k, v in head.items()} }")
+    rm.head.load_state_dict(head)
+    return rm
