@@ -1,0 +1,77 @@
+"""Roll a new checkpoint into the running Serve application without dropping requests.
+
+Runbook::
+
+    llamaray promote --config serve-tiny --model runs/dpo/hf       # the same --config/--set as the serve command
+    curl -s http://127.0.0.1:8000/v1/models | python -m json.tool  # "hash" is now the new weights' sha256 prefix
+
+How: the application is redeployed with only its ``user_config`` changed (``{"model_dir": NEW}``). Serve treats that
+as a lightweight update and calls ``reconfigure`` on every running replica: each starts an engine on the new weights
+(the old one keeps answering meanwhile), switches new requests over, and shuts the old engine down once its running
+streams have finished. Nothing restarts, so no request is dropped; the deployment's other options must be the
+same as at ``serve`` time (pass the same config), otherwise Serve restarts replicas one by one instead (still
+graceful: each finishes its requests within ``scaling.graceful_shutdown_timeout_s``).
+The new directory is checked first (config.json, weights, tokenizer) and the job waits until the application is
+RUNNING again and every replica reports the new hash through ``/v1/models`` … as seen by the proxy (it polls).
+What it leaves out: a canary / traffic split (Serve has no weighted routing between versions of one deployment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+import urllib.request
+
+from jobs.serve import check_model_dir, deploy, parse, with_api_key
+from model.llama import ConfigError
+
+
+def served_hash(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    req = urllib.request.Request(f"{url}/v1/models")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return json.load(r)["data"][0]["hash"]
+
+
+def promote(cfg, *, engine_cls: type | None = None, settle_s: float = 120.0) -> str:
+    """Redeploy ``cfg`` (whose ``model`` is the new directory); returns the new hash once the server reports it."""
+    from actors.engine import model_hash
+
+    new_dir = check_model_dir(cfg.model)
+    want = model_hash(new_dir)
+    url = deploy(cfg, engine_cls=engine_cls)
+    key = with_api_key(cfg).llm.api_key
+    deadline = time.monotonic() + settle_s
+    seen: set[str] = set()
+    streak = 0
+    while True:  # several replicas: require the new hash on several answers in a row
+        try:
+            h = served_hash(url, key)
+        except OSError:
+            h = ""
+        seen.add(h)
+        streak = streak + 1 if h == want else 0
+        if streak >= 3 * max(1, cfg.scaling.max_replicas):
+            return want
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server at {url} still reports {sorted(seen)} instead of {want}")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse(argv, "llamaray promote", __doc__)
+        cfg = dataclasses.replace(cfg, detach=True, ray_address=cfg.ray_address or "auto")  # join, never start
+        h = promote(cfg)
+    except (ConfigError, ValueError, TimeoutError, RuntimeError) as e:
+        print(f"llamaray promote: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"app": cfg.app_name, "model": cfg.model, "hash": h}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
