@@ -55,7 +55,7 @@ class CleanConfig:
     superscripts — into plain ones, so look-alike text dedups and tokenizes the same; NFC only composes accents."""
     min_chars: int = 40
     """Documents shorter than this (after normalisation and stripping) are dropped."""
-    max_chars: int = 200_000
+    max_chars: int = 1_000_000
     """Documents longer than this are dropped (0 = no upper limit)."""
     max_non_letter_ratio: float = 0.6
     """Drop a document when more than this share of its non-space characters are not letters (symbol garbage, tables

@@ -160,6 +160,19 @@ def test_config_loads_from_yaml_with_sources(tmp_path):
         load_config(DataConfig, y, ["clean.normalization=NFD"])
 
 
+def test_clean_job_reads_a_pretrain_yaml_but_rejects_unknown_overrides(tmp_path):
+    from jobs.clean import load_clean_config
+    y = tmp_path / "pretrain.yaml"
+    y.write_text("model: {preset: tiny, max_seq_len: 256}\ndata: {seq_len: 128}\ntrain: {lr: 0.1}\nrun: {name: x}\n")
+    cfg = load_clean_config(str(y), ["out=/tmp/x", "data.val_fraction=0.2"])
+    assert cfg.data.seq_len == 128 and cfg.data.val_fraction == 0.2 and cfg.model.max_seq_len == 256
+    assert cfg.out == "/tmp/x" and cfg.data.sources[0].name == "books"  # the embedded corpus by default
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_clean_config(str(y), ["train.lr=1"])
+    with pytest.raises(ConfigError, match="vocab_size"):
+        load_clean_config(str(y), ["vocab_size=100000"])
+
+
 def test_sources_resolve_files_dirs_globs_and_urls(tmp_path):
     sources, _ = make_crafted(tmp_path / "c")
     web = pipeline.resolve_source(sources[0])
