@@ -40,19 +40,19 @@ def free_port() -> int:
 
 def http(method: str, url: str, body: bytes | dict | None = None, headers: dict | None = None,
          timeout: float = 60) -> tuple[int, dict, dict]:
-    """(status, JSON body, headers) — errors included, never raises on an HTTP status."""
+    """(status, JSON body, headers with lower-case names) — errors included, never raises on an HTTP status."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     req = urllib.request.Request(url, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+            return r.status, json.loads(r.read() or b"null"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        raw = e.read()
+        raw, headers = e.read(), {k.lower(): v for k, v in e.headers.items()}
         try:
-            return e.code, json.loads(raw), dict(e.headers)
+            return e.code, json.loads(raw), headers
         except json.JSONDecodeError:
-            return e.code, {"raw": raw.decode(errors="replace")}, dict(e.headers)
+            return e.code, {"raw": raw.decode(errors="replace")}, headers
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,223 @@
+"""Multi-replica behaviour of the Serve deployment: API key, overload, a killed replica, autoscaling.
+
+These use the reference engine (``actors/engine.py::ReferenceEngine``, the plain-PyTorch sampler in a thread):
+2 cores and the memory left here cannot host several vLLM replicas (each is an engine-core process plus a KV cache
+and a ~35–50 s start), while what is tested — Serve's routing, back-pressure, replica replacement and autoscaling
+around our deployment class — is the same whatever engine a replica holds. The vLLM path is test_serve.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_serve import free_port, http  # same folder; pytest puts it on sys.path
+
+from bench.serve import build_tiny_checkpoint
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from actors.engine import EngineOptions
+    from actors.server import LLMConfig, ScalingConfig
+    from jobs.serve import ServeJobConfig
+
+    model = build_tiny_checkpoint(tmp_path_factory.mktemp("scaling") / "ckpt", n_layers=4)
+    port = free_port()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    base = ServeJobConfig(model=str(model), port=port, request_timeout_s=60,
+                          llm=LLMConfig(engine="reference", engine_options=EngineOptions(num_threads=1)),
+                          scaling=ScalingConfig(num_cpus=1, health_check_period_s=1.0,
+                                                graceful_shutdown_timeout_s=5.0))
+    try:
+        yield {"base": base, "port": port, "model": model}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def deploy_app(cluster, name: str, *, llm: dict | None = None, **scaling) -> str:
+    from jobs.serve import deploy
+
+    base = cluster["base"]
+    cfg = dataclasses.replace(base, app_name=name, route_prefix=f"/{name}",
+                              llm=dataclasses.replace(base.llm, **(llm or {})),
+                              scaling=dataclasses.replace(base.scaling, **scaling))
+    return deploy(cfg)
+
+
+def replicas(app: str) -> dict[str, int]:
+    from ray import serve
+
+    return dict(serve.status().applications[app].deployments["LLMServer"].replica_states)
+
+
+def replica_actor_names(app: str) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#")}
+
+
+def delete(app: str) -> None:
+    from ray import serve
+
+    serve.delete(app)
+
+
+def test_api_key(cluster):
+    from openai import AuthenticationError, OpenAI
+
+    url = deploy_app(cluster, "secure", llm={"api_key": "sk-test-0123456789"})
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong-key-000"}):
+            status, err, hdrs = http("POST", f"{url}/v1/completions", {"prompt": "a"}, headers)
+            assert status == 401 and err["error"]["code"] == "invalid_api_key", err
+            assert http("GET", f"{url}/v1/models", None, headers)[0] == 401
+        assert http("GET", f"{url}/health")[0] == 200  # liveness probes need no key
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{url}/v1", api_key="nope-nope-nope", max_retries=0).models.list()
+        client = OpenAI(base_url=f"{url}/v1", api_key="sk-test-0123456789", max_retries=0)
+        assert client.models.list().data[0].id == "secure"
+        assert client.completions.create(model="secure", prompt="cat", max_tokens=3).usage.completion_tokens >= 1
+    finally:
+        delete("secure")
+
+
+def test_overload_is_answered_fast_and_accepted_requests_complete(cluster):
+    url = deploy_app(cluster, "overload", max_ongoing_requests=1, max_queued_requests=1, overload_status=429,
+                     retry_after_s=2.0)
+    try:
+        body = {"prompt": "one two", "max_tokens": 400, "temperature": 0}
+
+        def one(_):
+            t0 = time.perf_counter()
+            status, resp, headers = http("POST", f"{url}/v1/completions", body, timeout=120)
+            return status, resp, headers, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10)))
+        ok = [r for r in results if r[0] == 200]
+        rejected = [r for r in results if r[0] == 429]
+        assert len(ok) + len(rejected) == 10, [r[:2] for r in results if r[0] not in (200, 429)]
+        assert 1 <= len(ok) <= 4 and len(rejected) >= 6, (len(ok), len(rejected))
+        slowest_ok = max(r[3] for r in ok)
+        assert all(r[3] < min(2.0, slowest_ok / 2) for r in rejected), ([r[3] for r in rejected], slowest_ok)
+        assert all(r[2].get("retry-after") == "2" for r in rejected)
+        assert all(r[1]["usage"]["completion_tokens"] == 400 for r in ok)
+        assert http("GET", f"{url}/health")[0] == 200
+    finally:
+        delete("overload")
+
+
+def test_killed_replica_is_replaced_and_retrying_client_completes(cluster):
+    import ray
+    from openai import OpenAI
+
+    url = deploy_app(cluster, "kill", min_replicas=2, max_replicas=2)
+    try:
+        before = replica_actor_names("kill")
+        assert len(before) == 2
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=8, timeout=60)
+        victim = sorted(before)[0]
+        done: list[int] = []
+
+        def one(i: int) -> int:
+            n = client.completions.create(model="kill", prompt=f"dog {i}", max_tokens=60, temperature=0
+                                          ).usage.completion_tokens
+            done.append(i)
+            return n
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(one, i) for i in range(24)]
+            while len(done) < 4:
+                time.sleep(0.05)
+            ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+            results = [f.result() for f in futures]
+        assert len(results) == 24 and all(n == 60 for n in results)
+        deadline = time.monotonic() + 90
+        while not (replicas("kill").get("RUNNING") == 2 and victim not in replica_actor_names("kill")
+                   and len(replica_actor_names("kill")) == 2):
+            assert time.monotonic() < deadline, (replicas("kill"), replica_actor_names("kill"))
+            time.sleep(0.5)
+        assert client.completions.create(model="kill", prompt="x", max_tokens=2).usage.completion_tokens >= 1
+    finally:
+        delete("kill")
+
+
+def test_autoscaling_up_under_load_and_down_when_idle(cluster):
+    from openai import OpenAI
+
+    url = deploy_app(cluster, "auto", min_replicas=1, max_replicas=3, target_ongoing_requests=1.0,
+                     upscale_delay_s=1.0, downscale_delay_s=4.0, metrics_interval_s=0.5)
+    try:
+        assert replicas("auto") == {"RUNNING": 1}
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=3, timeout=60)
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                client.completions.create(model="auto", prompt="sky", max_tokens=100, temperature=0)
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            deadline, peak = time.monotonic() + 60, 1
+            while peak < 2:
+                assert time.monotonic() < deadline, f"never scaled up: {replicas('auto')}"
+                peak = max(peak, replicas("auto").get("RUNNING", 0))
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        deadline = time.monotonic() + 90
+        while replicas("auto") != {"RUNNING": 1}:
+            assert time.monotonic() < deadline, f"never scaled down: {replicas('auto')}"
+            time.sleep(0.5)
+    finally:
+        delete("auto")
+
+
+def test_serve_config_file_is_valid_for_serve_deploy(tmp_path):
+    """serve_config.yaml parses with Ray's own schema and its application builds (no cluster needed)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from actors.server import app_builder
+
+    raw = yaml.safe_load((Path(__file__).resolve().parent.parent / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(raw)
+    (app,) = schema.applications
+    assert app.import_path == "actors.server:app_builder" and schema.http_options.host == "0.0.0.0"
+    built = app_builder(app.args)
+    opts = built._bound_deployment._deployment_config
+    assert opts.user_config == {"model_dir": str(Path(app.args["model"]).resolve())}
+    assert opts.autoscaling_config.max_replicas == 8 and opts.max_queued_requests == 256
+    with pytest.raises(ValueError, match="args.model"):
+        app_builder({"llm": {}})
+    with pytest.raises(ValueError, match="max_replica"):
+        app_builder({"model": "/x", "scaling": {"max_replica": 2}})
+
+
+def test_serve_job_rejects_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    from jobs.serve import main
+
+    (tmp_path / "config.json").write_text("{")
+    assert main(["--config", "serve-tiny", "--model", str(tmp_path)]) == 2
+    assert "config.json: not valid JSON" in capsys.readouterr().err
+    assert main(["--config", "serve-tiny", "--model", str(tmp_path / "nope")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["--config", "serve-tiny", "--model", str(tmp_path), "--set", "scaling.overload_status=418"]) == 2
+    assert "overload_status must be 503 or 429" in capsys.readouterr().err
