@@ -111,7 +111,8 @@ def howto(rng: random.Random) -> str:
     who = rng.choice(NAMES)
     lines = [f"How to {task}", f"{who} shows a simple way to {task} in {len(steps)} steps."]
     lines += [f"Step {i}: {s}{rng.choice(MANNER).format(who=who)}." for i, s in enumerate(steps, 1)]
-    lines.append(rng.choice(["That is all. Good luck!", "Now you know how to do it.", f"It takes about {rng.randint(5, 40)} minutes."]))
+    minutes = rng.randint(5, 40)
+    lines.append(rng.choice(["That is all. Good luck!", "Now you know how to do it.", f"It takes about {minutes} minutes."]))
     return "\n".join(lines)
 
 

@@ -15,6 +15,12 @@ Outputs in ``out_dir``: ``train/part-*.parquet`` and ``val/part-*.parquet`` (col
 order and ``tokens`` list<int32> of length seq_len + 1), ``stats.json``, and ``DONE`` (written last, holding the
 config hash: a later ``prepare`` with the same config and inputs reuses the directory; otherwise it is rebuilt).
 
+stats.json: per source ``files``, ``documents_read``, ``removed`` {too_short, too_long, non_letter, repeated_lines,
+exact_dup, near_dup} (each document counted once, at the first step that drops it), ``kept``, ``tokens`` (including
+one EOS per document), ``val_documents``/``val_tokens``, ``train_tokens_before_mixing``/``_after_mixing``,
+``train_token_share`` vs ``weight_share``, ``passes`` (>1 repeated, <1 subsampled); totals at the top level, plus
+``train_sequences``, ``val_sequences``, ``vocab_size``, ``eos_id`` and the dropped packing tails.
+
 The driver holds O(documents) small items (hashes, MinHash signatures of kept documents, token counts), never the
 corpus text or the token stream as a whole. Ray must be initialised by the caller (a job or a test), or Ray Data
 starts a local instance on first use.
@@ -202,7 +208,10 @@ def _clean_batch(clean_cfg: Any, batch: dict[str, np.ndarray]) -> dict[str, Any]
         texts.append("" if r else t)
         reasons.append(r or "")
         hashes.append(text_hash(t) if not r else "")
-    sig = signatures([t for t in texts], clean_cfg) if clean_cfg.near_dedup else np.zeros((len(texts), 1), np.uint64)
+    sig = np.zeros((len(texts), clean_cfg.num_perm if clean_cfg.near_dedup else 1), dtype=np.uint64)
+    kept = [i for i, r in enumerate(reasons) if not r]
+    if clean_cfg.near_dedup and kept:
+        sig[kept] = signatures([texts[i] for i in kept], clean_cfg)
     return {"text": texts, "reason": reasons, "hash": hashes, "sig": sig}
 
 
@@ -489,7 +498,8 @@ def _mixture_plan(meta: dict[str, list[tuple[str, int]]], val: dict[str, np.ndar
     return plan, target
 
 
-def _interleave(streams: dict[str, Iterator[np.ndarray]], budget: dict[str, int], seed: int) -> Iterator[tuple[str, np.ndarray]]:
+def _interleave(streams: dict[str, Iterator[np.ndarray]], budget: dict[str, int],
+                seed: int) -> Iterator[tuple[str, np.ndarray]]:
     """Draw documents from the sources at random, weighted by each one's remaining planned tokens."""
     rng = random.Random(seed + 1)
     remaining = {k: v for k, v in budget.items() if v > 0}

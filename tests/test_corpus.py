@@ -398,3 +398,32 @@ def test_llamaray_clean_job_on_generated_default_corpus(ray_local, tmp_path, cap
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.model").is_file() and (tmp_path / "out" / "DONE").is_file()
     summary = json.loads(printed.strip().splitlines()[-1])
     assert summary["num_train"] > 0 and summary["unigram_entropy_nats"] > 0
+
+
+def test_a_non_local_fsspec_filesystem_is_read_by_ray_data(ray_local, tmp_path):
+    """A chained fsspec URL (simplecache::file://) is not the local file system: it goes through pyarrow's
+    FSSpecHandler into the Ray Data readers, the same path an s3:// or gs:// source takes."""
+    rng = random.Random(1)
+    texts = [doc(rng, 60) for _ in range(6)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"t": x}) for x in texts + [texts[0]]) + "\n")
+    src = SourceConfig(f"simplecache::file://{tmp_path}/a.jsonl", text_field="t", name="remote")
+    files = pipeline.resolve_source(src)
+    assert pipeline._pa_filesystem(files.fs) is not None
+    stats = pipeline.clean_corpus(DataConfig(sources=[src]), tmp_path / "out")
+    assert stats["sources"]["remote"]["documents_read"] == 7 and stats["removed"]["exact_dup"] == 1
+    kept = pq.read_table(tmp_path / "out" / "work" / "clean" / "remote.parquet").column("text").to_pylist()
+    assert kept == [normalize(x) for x in texts]  # document order preserved
+
+
+def test_document_order_is_file_then_line_order_across_blocks(ray_local, tmp_path):
+    rng = random.Random(2)
+    sizes = [300, 10, 10, 10]  # uneven files, several blocks (a guard: order also held without preserve_order here)
+    texts = [doc(rng, 40) for _ in range(sum(sizes))]
+    start = 0
+    for k, n in enumerate(sizes):
+        (tmp_path / f"part{k}.jsonl").write_text("\n".join(json.dumps({"text": x}) for x in texts[start:start + n]))
+        start += n
+    cfg = DataConfig(sources=[SourceConfig(f"file://{tmp_path}/part*.jsonl", name="p")], num_blocks=8)
+    pipeline.clean_corpus(cfg, tmp_path / "out")
+    kept = pq.read_table(tmp_path / "out" / "work" / "clean" / "p.parquet").column("text").to_pylist()
+    assert kept == [normalize(x) for x in texts]
