@@ -370,6 +370,10 @@ def test_prepared_dir_is_reused_or_rebuilt(crafted):
     other = pipeline.prepare(dataclasses.replace(cfg, seq_len=32), out, max_seq_len=128)
     assert other.seq_len == 32 and _rows(other.train_dir)[1].shape[1] == 33
     assert (out / "DONE").read_text().strip() == other.stats["config_hash"] != crafted["prepared"].stats["config_hash"]
+    # no validation split at all
+    noval = pipeline.prepare(dataclasses.replace(cfg, val_fraction=0.0, min_val_sequences=0), out, max_seq_len=128)
+    assert noval.num_val == 0 and noval.stats["val_tokens"] == 0
+    assert noval.stats["train_tokens"] > crafted["prepared"].stats["train_tokens"]
 
 
 def test_empty_after_cleaning_is_a_clear_error(ray_local, tmp_path):
