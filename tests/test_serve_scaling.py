@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,6 +90,8 @@ def test_api_key(cluster):
         client = OpenAI(base_url=f"{url}/v1", api_key="sk-test-0123456789", max_retries=0)
         assert client.models.list().data[0].id == "secure"
         assert client.completions.create(model="secure", prompt="cat", max_tokens=3).usage.completion_tokens >= 1
+        many = client.completions.create(model="secure", prompt="cat", max_tokens=8, n=3, temperature=1.0)
+        assert len({c.text for c in many.choices}) > 1  # n choices are independent samples, not copies
     finally:
         delete("secure")
 
@@ -187,6 +190,33 @@ def test_autoscaling_up_under_load_and_down_when_idle(cluster):
             time.sleep(0.5)
     finally:
         delete("auto")
+
+
+def test_metrics_reach_prometheus(cluster):
+    """Request count, latency, TTFT, tokens/s and queue depth are exported through Ray's metrics agent."""
+    import ray
+    from openai import OpenAI
+
+    url = deploy_app(cluster, "metrics")
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for _ in range(3):
+            list(client.completions.create(model="metrics", prompt="a", max_tokens=5, stream=True))
+        port = ray._private.worker.global_worker.node.metrics_export_port
+        want = ["llamaray_requests_total", "llamaray_request_latency_s", "llamaray_ttft_s", "llamaray_tokens_per_s",
+                "llamaray_ongoing_requests"]
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            missing = [m for m in want if m not in text]
+            if not missing:
+                break
+            assert time.monotonic() < deadline, f"metrics never exported: {missing}"
+            time.sleep(1)
+        assert 'endpoint="completions"' in text
+    finally:
+        delete("metrics")
 
 
 def test_serve_config_file_is_valid_for_serve_deploy(tmp_path):
