@@ -28,6 +28,15 @@ class CharTokenizer:
         return [ord(c) - 33 for c in text]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is faster, and does not collapse when the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa", "mha"])
 def model(request):
     args = ModelArgs.from_name("tiny", n_layers=2, vocab_size=VOCAB, n_kv_heads=request.param, max_seq_len=64)
