@@ -323,7 +323,11 @@ def save_hf(model: Transformer, tokenizer: Any, out_dir: str | Path, *, dtype: s
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         config = hf_config_from_args(args, dtype=stored, **ids)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        gen = {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"],
+        # Generation stops on every end token the tokenizer names (ours: </s> and the end-of-turn <|end|>), so
+        # vLLM and transformers end a chat turn where the reference sampler does.
+        stops = [ids["eos_token_id"]] + [t for t in getattr(tokenizer, "stop_ids", []) if t != ids["eos_token_id"]]
+        gen = {"bos_token_id": ids["bos_token_id"],
+               "eos_token_id": stops if len(stops) > 1 and None not in stops else ids["eos_token_id"],
                "pad_token_id": ids["pad_token_id"], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
         (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps({k: v for k, v in gen.items() if v is not None},
                                                              indent=2) + "\n")

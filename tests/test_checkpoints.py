@@ -290,7 +290,7 @@ def test_tokenizer_round_trips_with_the_export(sp_tokenizers, tmp_path):
     out = save_hf(model, small, tmp_path / "hf")
     assert (out / "tokenizer.model").exists()
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["bos_token_id"], gen["eos_token_id"]) == (small.bos_id, small.eos_id)
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (small.bos_id, small.stop_ids)  # </s> and <|end|>
     back, tok = load_hf(out)
     text = "llama export tensor"
     assert tok.encode(text) == small.encode(text)
@@ -385,3 +385,20 @@ def test_import_job_hf_dir_as_module_and_cli(tmp_path):
 
 def ours_params(d: Path) -> int:
     return sum(p.numel() for p in load_hf(d)[0].parameters())
+
+
+def test_generation_config_stops_on_every_end_token(tmp_path):
+    """vLLM reads generation_config.json's eos list: our chat turns end on <|end|> there too."""
+    import json
+
+    from model.hf import save_hf
+    from model.llama import ModelArgs, build_model
+    from model.tokenizer import SentencePieceTokenizer
+
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n".join(f"line {i} of some text" for i in range(300)))
+    tok = SentencePieceTokenizer.train([txt], vocab_size=300)
+    out = save_hf(build_model(ModelArgs.from_name("tiny", n_layers=1, vocab_size=300)), tok, tmp_path / "m")
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.stop_ids == [tok.eos_id, tok.encode("<|end|>")[0]]
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == tok.eos_id
