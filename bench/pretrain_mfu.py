@@ -1,0 +1,145 @@
+"""Pretraining throughput / MFU of the ``llama-1b`` preset on GPUs: Ray Train vs plain torchrun, and GPU scaling.
+
+Runbook (GPU machine, Ray staged as in /work/shared/DESIGN.md)::
+
+    python bench/pretrain_mfu.py --gpus 1              # Ray Train 1 GPU + torchrun 1 GPU (Ray overhead)
+    python bench/pretrain_mfu.py --gpus 2 --modes ray  # + 1 GPU in the same call → 2-GPU scaling
+
+Both paths run the SAME loop (jobs/train_loop.run_worker): FSDP2 per block + root, bf16 params / fp32 reduce,
+torch.compile per block, fused AdamW, no activation checkpointing, micro batch 8 × 2048 per GPU, synthetic tokens
+(data loading is not the subject), no checkpoints. Figures are medians over the steps after ``--warmup``.
+MFU = tokens/s × ModelArgs.flops_per_token(seq) / (989e12 × GPUs) (N without embedding; with tied embeddings
+that leaves the output-head matmul out, so ``mfu_with_head`` is printed too). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from jobs.train_loop import (H100_BF16_PEAK, LoopSpec, SyntheticRows, TrainConfig, causal_lm_loss,  # noqa: E402
+                             fused_lm_loss)
+from model.llama import ModelArgs  # noqa: E402
+
+
+def make_spec(a: argparse.Namespace, world: int, metrics_dir: str) -> LoopSpec:
+    args = ModelArgs.from_name(a.preset, max_seq_len=max(a.seq, 2048))
+    cfg = TrainConfig(max_steps=a.steps, batch_size=a.micro * world, micro_batch_size=a.micro, lr=3e-4,
+                      warmup_steps=2, compile=not a.no_compile, activation_checkpointing=a.ac, eval_sequences=0)
+    seq, vocab = a.seq, args.vocab_size
+    return LoopSpec(model_args=args, train=cfg, seq_len=seq,
+                    make_train_source=lambda: SyntheticRows(10**9, seq, vocab), metrics_dir=metrics_dir,
+                    loss_fn=fused_lm_loss if a.loss == "fused" else causal_lm_loss,
+                    ckpt_at_end=False, write_report=False)
+
+
+def summarise(metrics_dir: str, a: argparse.Namespace, world: int, wall: float) -> dict:
+    from jobs.metrics import read_csv
+
+    rows = read_csv(Path(metrics_dir) / "metrics.csv")[a.warmup:]
+    if not rows:
+        return {"error": f"no metrics rows in {metrics_dir}"}
+    tps = statistics.median(float(r["tokens_per_s"]) for r in rows)
+    args = ModelArgs.from_name(a.preset)
+    head = 6 * args.dim * args.vocab_size
+    return {"gpus": world, "tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / world),
+            "mfu": round(tps * args.flops_per_token(a.seq) / (H100_BF16_PEAK * world), 4),
+            "mfu_with_head": round(tps * (args.flops_per_token(a.seq) + head) / (H100_BF16_PEAK * world), 4),
+            "peak_mem_gb": round(max(float(r["peak_mem_gb"]) for r in rows), 1),
+            "final_loss": round(float(rows[-1]["loss"]), 3), "steps_measured": len(rows), "wall_s": round(wall, 1)}
+
+
+def run_ray(a: argparse.Namespace, world: int) -> dict:
+    import ray
+    import torch
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from cluster.connect import connect
+    from jobs.train_loop import RaySession, run_worker
+
+    connect()
+    d = tempfile.mkdtemp(prefix=f"mfu-ray{world}-")
+    spec = make_spec(a, world, d)
+
+    def fn(config):
+        run_worker(config["spec"], RaySession())
+
+    t0 = time.time()
+    trainer = TorchTrainer(fn, train_loop_config={"spec": spec},
+                           scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=torch.cuda.is_available()),
+                           run_config=ray.train.RunConfig(name=f"mfu-{world}-{int(t0)}", storage_path=d + "/ray"))
+    try:
+        res = trainer.fit()
+    except Exception as e:  # noqa: BLE001 — one failed path must not lose the other figures
+        return {"error": repr(e)[:500]}
+    if res.error:
+        return {"error": repr(res.error)}
+    return summarise(d, a, world, time.time() - t0)
+
+
+def run_torchrun(a: argparse.Namespace, world: int) -> dict:
+    d = tempfile.mkdtemp(prefix=f"mfu-torchrun{world}-")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}", __file__,
+           "--worker", d, *sys.argv[1:]]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"})
+    if r.returncode:
+        return {"error": f"torchrun exited {r.returncode}"}
+    return summarise(d, a, world, time.time() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-1b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro", type=int, default=8, help="sequences per GPU per step")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10, help="steps left out of the medians (compile, allocator)")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--modes", default="ray,torchrun", help="ray,torchrun: which paths to run at --gpus")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--loss", choices=["fused", "plain"], default="fused",
+                    help="fused: head + cross-entropy compiled together; plain: Transformer.forward's fp32 logits")
+    ap.add_argument("--worker", metavar="METRICS_DIR", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.worker:  # inside torchrun
+        from jobs.train_loop import LocalSession, run_worker
+        run_worker(make_spec(a, int(os.environ["WORLD_SIZE"]), a.worker), LocalSession())
+        return 0
+
+    import torch
+    out: dict = {"bench": "pretrain_mfu", "preset": a.preset, "seq": a.seq, "micro_batch_per_gpu": a.micro,
+                 "compile": not a.no_compile, "activation_checkpointing": a.ac, "loss": a.loss,
+                 "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    modes = a.modes.split(",")
+    if "ray" in modes:
+        out[f"ray_{a.gpus}gpu"] = run_ray(a, a.gpus)
+        if a.gpus > 1:
+            out["ray_1gpu"] = run_ray(a, 1)
+            one, many = out["ray_1gpu"], out[f"ray_{a.gpus}gpu"]
+            if "tokens_per_s" in one and "tokens_per_s" in many:
+                out["scaling"] = round(many["tokens_per_s"] / one["tokens_per_s"], 3)
+    if "torchrun" in modes:
+        out[f"torchrun_{a.gpus}gpu"] = run_torchrun(a, a.gpus)
+        r, t = out.get(f"ray_{a.gpus}gpu", {}), out[f"torchrun_{a.gpus}gpu"]
+        if "tokens_per_s" in r and "tokens_per_s" in t:
+            out["ray_overhead"] = round(1 - r["tokens_per_s"] / t["tokens_per_s"], 4)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

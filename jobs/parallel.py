@@ -1,0 +1,69 @@
+"""FSDP2 applied from outside the model (torchtitan's parallelize shape).
+
+Order: optional activation checkpointing and ``torch.compile`` per block → ``fully_shard`` each block →
+``fully_shard`` the root (which picks up embedding, final norm and output head; with tied embeddings the shared
+matrix must live in one FSDP unit, so embedding and head are never sharded separately). One
+``MixedPrecisionPolicy``: bf16 compute with fp32 gradient reduction on CUDA, fp32 everywhere on CPU (gloo has no
+bf16 fast path and CPU bf16 matmuls are slow). ``model/`` never imports torch.distributed: this module does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def init_process_group_if_needed(device_type: str) -> None:
+    """torchrun / Ray Train set the env; the backend follows the device: NCCL on CUDA, gloo on CPU."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def mixed_precision_policy(device_type: str):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
+def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool = False,
+               activation_checkpointing: bool = False, reshard_last_block: bool = False) -> nn.Module:
+    """Shard ``model`` (a model.llama.Transformer) in place over ``mesh`` (default: the whole world) and return it.
+
+    ``reshard_last_block=False`` keeps the last block's parameters gathered after forward, since backward needs them
+    at once (saves one all-gather per step; torchtitan does the same).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mp = mixed_precision_policy(device_type)
+    if compile:  # identical blocks share one graph; leave room in case guards still tell them apart
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(model.layers))
+    layers = model.layers
+    for i, block in enumerate(layers):
+        if activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            block = checkpoint_wrapper(block, preserve_rng_state=False)
+            layers[i] = block  # DCP's get_state_dict strips the wrapper prefix from parameter names
+        if compile:
+            # Compile the block's forward only: FSDP2's pre/post-forward hooks stay eager, names stay unchanged.
+            block.forward = torch.compile(block.forward, fullgraph=True)
+        last = i == len(layers) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not (last and not reshard_last_block))
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    # hidden_states() is a second entry point (the fused loss computes the head itself): give it FSDP's hooks.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def local_param_count(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank holds, elements of the full model) — FSDP2 parameters are DTensors."""
+    local = full = 0
+    for p in model.parameters():
+        full += p.numel()
+        local += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return local, full

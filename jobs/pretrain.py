@@ -1,0 +1,226 @@
+"""Pretrain a LLaMA-style model with FSDP2 on Ray Train.
+
+Runbook::
+
+    llamaray pretrain --config configs/tiny.yaml                      # CPU, 2 workers, embedded corpus
+    python -m jobs.pretrain --config tiny --set run.name=exp1 --set train.max_steps=400
+    ray job submit --working-dir . -- python -m jobs.pretrain --config llama-1b --set scaling.num_workers=8
+
+What happens: config checks (sequence length vs context, corpus paths, empty corpus, batch divisibility, GPUs/CPUs
+in the cluster) — all before any worker starts; then the corpus is cleaned, tokenized and packed on the driver
+(corpus.pipeline.prepare, reused when unchanged) into ``<storage>/<name>/data``; then ``scaling.num_workers`` Ray
+Train workers run jobs/train_loop.py. Outputs under ``<storage>/<name>/``: DCP checkpoints ``checkpoint_*``
+(Ray Train keeps ``run.keep_checkpoints``), ``metrics/`` (metrics.csv, TensorBoard events, report.md, loss.png),
+``hf/`` (HF Llama export that vLLM/transformers load).
+
+Resume: a worker death restarts the worker group from the latest checkpoint (``run.max_failures`` times); a dead
+driver is resumed by rerunning the same command (same ``run.name`` and ``run.storage``), on any number of workers.
+Leaves out: multi-node shared storage for the prepared data (``run.storage`` must be visible to every worker:
+local disk on one machine, NFS on a cluster), tensor/pipeline parallelism, sequence packing masks (documents are
+packed back to back, separated by EOS, attending across boundaries like GPT-2/LLaMA pretraining).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corpus.config import DataConfig
+from jobs.config import job_arg_parser, load_config, to_dict
+from jobs.train_loop import LoopSpec, ParquetRows, RaySession, TrainConfig, run_worker
+from model.llama import ConfigError, ModelArgs
+
+
+@dataclass
+class RunSettings:
+    """Where the run lives and how it checkpoints."""
+
+    name: str = "pretrain-tiny"
+    """Run name: the directory under ``storage``; rerunning with the same name resumes."""
+    storage: str = "runs"
+    """Parent directory of runs (made absolute); must be reachable by every worker."""
+    ckpt_every: int = 50
+    """Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end."""
+    eval_every: int = 50
+    """Validation loss/perplexity every this many steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """How many of the latest checkpoints Ray Train keeps."""
+    max_failures: int = 3
+    """Worker-group restarts (from the latest checkpoint) before the run fails."""
+    export: bool = True
+    """Write the HF-format export ``<storage>/<name>/hf`` at the end."""
+    address: str = ""
+    """Ray cluster address; empty = RAY_ADDRESS or a local instance."""
+    fail_at_step: int = 0
+    """Fault injection for tests: the last worker SIGKILLs itself once at this step (0 = never)."""
+    progress: bool = True
+    """Show a tqdm progress bar on the driver."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"run.name must be a plain directory name, got {self.name!r}")
+        for k in ("ckpt_every", "eval_every", "max_failures", "fail_at_step"):
+            if getattr(self, k) < 0:
+                raise ConfigError(f"run.{k} must be >= 0, got {getattr(self, k)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"run.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+@dataclass
+class ScalingSettings:
+    """How many Ray Train workers and what each one holds."""
+
+    num_workers: int = 2
+    """Data-parallel FSDP workers (one GPU each when use_gpu)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run: model shape, data, optimisation, run bookkeeping, scaling."""
+
+    model: ModelArgs = field(default_factory=lambda: ModelArgs.from_name("tiny"))
+    """Model shape: ``preset: tiny`` plus any ModelArgs field to override."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus sources and packing (corpus/config.py)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation (jobs/train_loop.py)."""
+    run: RunSettings = field(default_factory=RunSettings)
+    """Name, storage, checkpoints, evaluation."""
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    """Workers and devices."""
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} is above the model's context "
+                              f"(model.max_seq_len={self.model.max_seq_len})")
+        self.train.grad_accum(self.scaling.num_workers)  # batch_size divisible by micro × workers
+
+
+def run_dir(cfg: PretrainConfig) -> Path:
+    return Path(cfg.run.storage).resolve() / cfg.run.name
+
+
+def _train_fn(config: dict[str, Any]) -> None:
+    run_worker(config["spec"], RaySession())
+
+
+def preflight(cfg: PretrainConfig) -> None:
+    """Every check that starts no worker: corpus paths, empty corpus, sequence length, cluster resources."""
+    from cluster.connect import check_resources, connect
+    from corpus.pipeline import validate
+
+    validate(cfg.data, max_seq_len=cfg.model.max_seq_len)
+    connect(cfg.run.address or None)
+    check_resources(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                    cpus_per_worker=cfg.scaling.cpus_per_worker)
+
+
+def prepare_data(cfg: PretrainConfig) -> tuple[Any, str]:
+    """Tokenizer + packed splits under <run>/data; checks that the tokenizer fits the model's vocabulary."""
+    from corpus.pipeline import ensure_tokenizer, prepare
+    from model.hf import check_tokenizer_fits
+    from model.tokenizer import load_tokenizer
+
+    data_dir = run_dir(cfg) / "data"
+    tok_dir = ensure_tokenizer(cfg.data, data_dir, vocab_size=cfg.model.vocab_size)
+    tok = load_tokenizer(tok_dir)
+    try:
+        check_tokenizer_fits(tok, cfg.model.vocab_size, f"tokenizer {tok_dir}")
+    except ValueError as e:
+        raise ConfigError(f"model.vocab_size: {e}") from e
+    prepared = prepare(dataclasses.replace(cfg.data, tokenizer=tok_dir), data_dir, max_seq_len=cfg.model.max_seq_len)
+    return prepared, tok_dir
+
+
+def _make_source(path: str):
+    return lambda: ParquetRows(path)
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the final metrics and where things are."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.metrics import CsvProgress, read_csv
+
+    preflight(cfg)
+    prepared, tok_dir = prepare_data(cfg)
+    rd = run_dir(cfg)
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    spec = LoopSpec(
+        model_args=cfg.model, train=cfg.train, seq_len=prepared.seq_len,
+        make_train_source=_make_source(str(prepared.train_dir)),
+        make_val_source=_make_source(str(prepared.val_dir)) if prepared.num_val else None,
+        metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
+        export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
+        fail_at_step=cfg.run.fail_at_step,
+        extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
+                      "seq_len": prepared.seq_len})
+    trainer = TorchTrainer(
+        _train_fn, train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=str(rd.parent),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)))
+
+    stop = threading.Event()
+    bar_thread = None
+    if cfg.run.progress:
+        csv_path = rd / "metrics" / "metrics.csv"
+        rows = read_csv(csv_path)
+        bar = CsvProgress(csv_path, cfg.train.max_steps, start=int(rows[-1]["step"]) if rows else 0)
+
+        def follow() -> None:
+            while not stop.wait(1.0):
+                bar.poll()
+            bar.close()
+
+        bar_thread = threading.Thread(target=follow, daemon=True)
+        bar_thread.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if bar_thread:
+            bar_thread.join(timeout=5)
+    if result.error:
+        raise result.error
+    return {"run_dir": str(rd), "metrics": result.metrics,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,
+            "report": str(rd / "metrics" / "report.md")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = job_arg_parser("llamaray pretrain", __doc__)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        out = pretrain(cfg)
+    except ConfigError as e:
+        print(f"llamaray pretrain: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

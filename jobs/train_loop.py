@@ -1,0 +1,441 @@
+"""The FSDP2 training loop shared by pretrain / SFT / DPO, with a pluggable loss and data source.
+
+Worker shape (Ray's FSDP2 tutorial): device → build + shard (jobs/parallel.py) → restore the latest checkpoint if
+any (``session.restore``) → loop → ``session.report(metrics, checkpoint_dir)``. The same ``run_worker`` runs under
+Ray Train (``RaySession``, jobs/pretrain.py) and under plain ``torchrun`` (``LocalSession``, bench/pretrain_mfu.py).
+
+Decisions:
+- Batch size is GLOBAL (sequences per optimizer step); gradient accumulation = batch_size / (micro × world), so the
+  optimisation is the same on any number of workers and a run can resume on another world size.
+- Data position = number of sequences consumed (global), stored in the checkpoint. Step s reads rows
+  consumed .. consumed + batch_size - 1 (mod the split size, i.e. epochs wrap), micro-batch a of rank r taking
+  rows consumed + (a·world + r)·micro + [0, micro). Rows are addressed by their ``idx`` directly, so a resume — on
+  any world size — neither repeats nor skips a sequence (stronger than the one-step tolerance asked for).
+- Weight decay on the attention/MLP matrices (and an untied output head); none on RMSNorm gains and the token
+  embedding (with tied embeddings that is also the head): decaying embedding rows of rare tokens only shrinks them.
+- AdamW (fused on CUDA), linear warm-up then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm.
+- ``ray.train.report`` is a barrier, so it is called only at checkpoint/eval steps and the end, not every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.llama import ConfigError, ModelArgs
+
+H100_BF16_PEAK = 989e12
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings of one training run."""
+
+    max_steps: int = 200
+    """Optimizer steps to run in total (a resumed run continues up to this step)."""
+    batch_size: int = 16
+    """Sequences per optimizer step, summed over all workers and accumulation steps."""
+    micro_batch_size: int = 4
+    """Sequences per forward/backward on one worker; batch_size must be a multiple of micro_batch_size × workers."""
+    lr: float = 3e-3
+    """Peak learning rate (after warm-up)."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr × min_lr_ratio at max_steps."""
+    warmup_steps: int = 20
+    """Linear warm-up steps from lr / warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (not on norms and the embedding)."""
+    beta1: float = 0.9
+    """AdamW β1."""
+    beta2: float = 0.95
+    """AdamW β2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    seed: int = 0
+    """Seed of the weight initialisation."""
+    compile: bool = False
+    """torch.compile each transformer block (worth it on GPU; slow to start on CPU)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    eval_sequences: int = 32
+    """Validation sequences per evaluation (rounded up to a whole number of micro-batches per worker)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.eval_sequences < 0:
+            raise ConfigError(f"train.eval_sequences must be >= 0, got {self.eval_sequences}")
+
+    def grad_accum(self, world: int) -> int:
+        per_step = self.micro_batch_size * world
+        if self.batch_size % per_step:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not a multiple of train.micro_batch_size="
+                              f"{self.micro_batch_size} × {world} worker(s) = {per_step}")
+        return self.batch_size // per_step
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then cosine to lr·min_lr_ratio."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class RowSource(Protocol):
+    """Rows addressed by a global index (the parquet ``idx``); ``batch`` builds what the loss function takes."""
+
+    num_rows: int
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Any: ...
+
+
+class ParquetRows:
+    """Rows {idx, tokens} of a split written by corpus.pipeline.prepare, read shard by shard with pyarrow.
+
+    Row i lives in the shard whose cumulative row range holds it (idx is contiguous from 0, files in name order);
+    the last two shards read stay cached, which suits the sequential access of training.
+    """
+
+    def __init__(self, split_dir: str | Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = sorted(str(p) for p in Path(split_dir).glob("part-*.parquet"))
+        if not self.files:
+            raise FileNotFoundError(f"{split_dir}: no part-*.parquet shards")
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_rows = int(self.starts[-1])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(self.files[i], columns=["idx", "tokens"])
+            idx = t.column("idx").to_numpy()
+            if len(idx) and (idx[0] != self.starts[i] or idx[-1] != self.starts[i + 1] - 1):
+                raise ValueError(f"{self.files[i]}: idx {idx[0]}..{idx[-1]} does not continue the previous shards "
+                                 f"(expected {self.starts[i]}..{self.starts[i + 1] - 1})")
+            tok = t.column("tokens").combine_chunks()
+            width = len(tok[0]) if len(tok) else 0
+            rows = tok.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(tok), width)
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = rows
+        return self._cache[i]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices) % self.num_rows
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        return np.stack([self._shard(int(s))[int(i - self.starts[s])] for i, s in zip(indices, shard)])
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Tensor:
+        return torch.from_numpy(self.rows(indices)).to(device, non_blocking=True)  # (B, T+1)
+
+
+class SyntheticRows:
+    """Uniform random tokens (benchmarks: data loading is not what they measure); row i is the same everywhere."""
+
+    def __init__(self, num_rows: int, seq_len: int, vocab_size: int) -> None:
+        self.num_rows, self.seq_len, self.vocab_size = num_rows, seq_len, vocab_size
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Tensor:
+        g = torch.Generator().manual_seed(int(indices[0]))
+        return torch.randint(0, self.vocab_size, (len(indices), self.seq_len + 1), generator=g).to(device)
+
+
+def causal_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of a (B, T+1) batch of token rows."""
+    logits = model(batch[:, :-1])  # (B, T, V) float32
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+
+
+def _head_ce(h: Tensor, w: Tensor, targets: Tensor) -> Tensor:
+    logits = h @ w.t()  # (B, T, V) in the compute dtype (bf16 on GPU)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+_head_ce_compiled = None
+
+
+def fused_lm_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """The same loss as causal_lm_loss, with the output head + cross-entropy compiled together on CUDA, so the
+    (B, T, V) float32 logits of Transformer.forward are never materialised (vocab 128k: 8 GB at 8 × 2048).
+
+    Needs the root's parameters still gathered after ``hidden_states`` (jobs/parallel.apply_fsdp registers that
+    method with FSDP and keeps the root unsharded after forward)."""
+    global _head_ce_compiled
+    h = model.hidden_states(batch[:, :-1])  # (B, T, dim)
+    w = model.output.weight  # (V, dim); the gathered weight while the root is unsharded
+    if h.is_cuda:
+        if _head_ce_compiled is None:
+            _head_ce_compiled = torch.compile(_head_ce)
+        return _head_ce_compiled(h, w, batch[:, 1:])
+    return _head_ce(h, w, batch[:, 1:])
+
+
+# --------------------------------------------------------------------------------------------- sessions
+
+
+class Session(Protocol):
+    def device(self) -> torch.device: ...
+
+    def restore(self) -> contextlib.AbstractContextManager[Path | None]: ...
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None: ...
+
+
+class RaySession:
+    """Ray Train: checkpoints go through ray.train.report; the latest comes back from ray.train.get_checkpoint."""
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield Path(d)
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
+
+
+class LocalSession:
+    """torchrun without Ray (benchmarks): no checkpoint store; reports are dropped."""
+
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[Path | None]:
+        yield None
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class LoopSpec:
+    """Everything a worker needs; picklable (Ray sends it to each worker)."""
+
+    model_args: ModelArgs
+    train: TrainConfig
+    make_train_source: Callable[[], Any]
+    """Called on the worker: returns the training RowSource."""
+    make_val_source: Callable[[], Any] | None = None
+    """Called on the worker: returns the validation RowSource, or None for no validation."""
+    loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss
+    """(model, batch) → scalar mean loss."""
+    seq_len: int = 256
+    """Tokens per sequence (for tokens/s and MFU)."""
+    metrics_dir: str | None = None
+    """Where rank 0 writes CSV/TensorBoard/report (None: nowhere)."""
+    ckpt_every: int = 0
+    """Checkpoint every this many steps (0: only at the end, if ckpt_at_end)."""
+    ckpt_at_end: bool = True
+    eval_every: int = 0
+    """Validation every this many steps (0: only at the end, if a validation source exists)."""
+    export_dir: str | None = None
+    """Write an HF directory here at the end (None: no export)."""
+    tokenizer_dir: str | None = None
+    """Tokenizer files copied into the export."""
+    fail_at_step: int = 0
+    """Test hook: the last rank SIGKILLs its own process once, at this step (0: never)."""
+    log_every: int = 1
+    """Metrics rows every this many steps."""
+    write_report: bool = True
+    """Rank 0 writes report.md + loss.png at the end (needs matplotlib)."""
+    extra_report: dict[str, Any] = field(default_factory=dict)
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB → GB (process RSS high-water mark)
+
+
+def _evaluate(model: nn.Module, spec: LoopSpec, source: Any, device: torch.device, rank: int, world: int) -> float:
+    import torch.distributed as dist
+
+    micro = spec.train.micro_batch_size
+    n_batches = max(1, math.ceil(spec.train.eval_sequences / (micro * world)))  # same count on every rank (FSDP)
+    total = torch.zeros(2, device=device, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for b in range(n_batches):
+            idx = (b * world + rank) * micro + np.arange(micro)
+            total[0] += spec.loss_fn(model, source.batch(idx, device)).double()
+            total[1] += 1
+    model.train()
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
+    """One worker's whole run; returns the final metrics (same on every rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from jobs import checkpointing
+    from jobs.metrics import MetricsWriter, write_report
+    from jobs.parallel import apply_fsdp, init_process_group_if_needed, local_param_count
+    from model.llama import build_model
+
+    device = session.device()
+    init_process_group_if_needed(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, args = spec.train, spec.model_args
+    accum = cfg.grad_accum(world)
+
+    model = build_model(args, device="cpu", seed=cfg.seed).to(device)  # same init on every rank, then sharded
+    mesh = init_device_mesh(device.type, (world,))
+    apply_fsdp(model, device_type=device.type, mesh=mesh, compile=cfg.compile,
+               activation_checkpointing=cfg.activation_checkpointing)
+    local, full = local_param_count(model)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=device.type == "cuda")
+
+    step, consumed, resumed_from = 0, 0, None
+    with session.restore() as ckpt_dir:
+        if ckpt_dir is not None:
+            state = checkpointing.load(ckpt_dir, model, opt)
+            step, consumed, resumed_from = int(state["step"]), int(state["consumed"]), int(state["step"])
+    train_src = spec.make_train_source()
+    val_src = spec.make_val_source() if spec.make_val_source else None
+    writer = MetricsWriter(spec.metrics_dir or ".", enabled=rank == 0 and spec.metrics_dir is not None,
+                           resume_step=step)
+    shard_info = torch.tensor([local], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(shard_info) for _ in range(world)]
+    dist.all_gather(gathered, shard_info)
+    shard_sizes = [int(t.item()) for t in gathered]
+    if rank == 0 and spec.metrics_dir:  # one record per (re)start: who resumed from where, how it was sharded
+        import json
+        Path(spec.metrics_dir).mkdir(parents=True, exist_ok=True)
+        Path(spec.metrics_dir, f"attempt-{int(time.time() * 1000)}.json").write_text(json.dumps(
+            {"world_size": world, "resumed_from_step": resumed_from, "consumed": consumed,
+             "local_param_elements": shard_sizes, "full_param_elements": full}))
+
+    flops_per_token = args.flops_per_token(spec.seq_len)
+    tokens_per_step = cfg.batch_size * spec.seq_len
+    last: dict[str, Any] = {}
+    model.train()
+    while step < cfg.max_steps:
+        step += 1
+        if spec.fail_at_step and step == spec.fail_at_step and rank == world - 1 and spec.metrics_dir:
+            marker = Path(spec.metrics_dir, f"killed-at-{step}")
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for a in range(accum):
+            idx = consumed + (a * world + rank) * cfg.micro_batch_size + np.arange(cfg.micro_batch_size)
+            loss = spec.loss_fn(model, train_src.batch(idx, device)) / accum
+            loss.backward()
+            loss_sum += loss.detach()
+        if cfg.grad_clip > 0:
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        else:
+            gn = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        consumed += cfg.batch_size
+        dist.all_reduce(loss_sum)
+        loss_val = loss_sum.item() / world  # .item() waits for the GPU: dt covers the whole step
+        dt = time.perf_counter() - t0
+        tps = tokens_per_step / dt
+        row: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(gn), "tokens_per_s": tps,
+                               "mfu": tps * flops_per_token / (H100_BF16_PEAK * world) if device.type == "cuda"
+                               else None, "peak_mem_gb": _peak_mem_gb(device), "consumed": consumed,
+                               "world_size": world}
+        final = step == cfg.max_steps
+        if val_src is not None and cfg.eval_sequences and ((spec.eval_every and step % spec.eval_every == 0) or final):
+            vl = _evaluate(model, spec, val_src, device, rank, world)
+            row.update(val_loss=vl, val_ppl=math.exp(min(vl, 50)))
+        if step % spec.log_every == 0 or final or "val_loss" in row:
+            writer.log(row)
+        last = row
+        want_ckpt = (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end)
+        if want_ckpt:
+            state = {"step": step, "consumed": consumed, "world_size": world, "model": args.to_dict()}
+            with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as d:
+                checkpointing.save(d, model, opt, state, rank=rank)
+                session.report({k: v for k, v in row.items() if v is not None}, Path(d))
+        elif "val_loss" in row:
+            session.report({k: v for k, v in row.items() if v is not None}, None)
+
+    if spec.export_dir:
+        checkpointing.export_hf(model, args, spec.tokenizer_dir, spec.export_dir, rank=rank)
+    writer.close()
+    result = {**last, "shard_sizes": shard_sizes, "full_params": full, "world_size": world,
+              "resumed_from_step": resumed_from}
+    if rank == 0 and spec.metrics_dir and last and spec.write_report:
+        write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": world,
+                                              "export_dir": spec.export_dir})
+    dist.barrier()
+    return result
