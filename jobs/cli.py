@@ -11,6 +11,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "export": ("jobs.export", "write a checkpoint as a Hugging Face Llama directory"),
     "import": ("jobs.import_model", "import an HF Llama directory or a GGUF file into a llamaray checkpoint"),
     "generate": ("jobs.generate", "sample from a checkpoint with the reference sampler"),
+    "pretrain": ("jobs.pretrain", "pretrain with FSDP2 on Ray Train (checkpoints, resume, metrics, HF export)"),
     "serve": ("jobs.serve", "serve an HF checkpoint over an OpenAI-compatible HTTP API (Ray Serve)"),
     "promote": ("jobs.promote", "roll a new checkpoint into the running Serve application, dropping no request"),
     "clean": ("jobs.clean", "clean, dedup, tokenize and pack a corpus (Ray Data)"),
