@@ -111,6 +111,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def micro_batch_indices(consumed: int, accum_step: int, rank: int, world: int, micro: int) -> np.ndarray:
+    """Global row indices of one micro-batch: the step's rows consumed .. consumed + micro·world·accum - 1 are dealt
+    out micro-batch by micro-batch, rank-major within each accumulation step (wrapping is the source's job)."""
+    return consumed + (accum_step * world + rank) * micro + np.arange(micro)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -321,7 +327,7 @@ def _evaluate(model: nn.Module, spec: LoopSpec, source: Any, device: torch.devic
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
-            idx = (b * world + rank) * micro + np.arange(micro)
+            idx = micro_batch_indices(0, b, rank, world, micro)
             total[0] += spec.loss_fn(model, source.batch(idx, device)).double()
             total[1] += 1
     model.train()
@@ -393,7 +399,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         for a in range(accum):
-            idx = consumed + (a * world + rank) * cfg.micro_batch_size + np.arange(cfg.micro_batch_size)
+            idx = micro_batch_indices(consumed, a, rank, world, cfg.micro_batch_size)
             loss = spec.loss_fn(model, train_src.batch(idx, device)) / accum
             loss.backward()
             loss_sum += loss.detach()
