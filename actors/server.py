@@ -9,10 +9,14 @@ Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``
 events ending in ``data: [DONE]``), ``GET /v1/models`` (with the weights' sha256 prefix), ``GET /health``.
 Errors use the OpenAI schema ``{"error": {"message", "type", "param", "code"}}``.
 
-The model directory travels as the deployment's ``user_config`` (``{"model_dir": …}``): changing only it is a
-lightweight update — Serve calls ``reconfigure`` on each running replica, which starts an engine on the new weights,
-switches new requests to it and lets streams already running finish on the old engine before shutting it down.
-So a promote drops no request and needs no replica restart.
+The model directory travels as the deployment's ``user_config`` (``{"model_dir": …}``). Two ways to promote:
+* ``llamaray promote`` (``serve.run`` again): Ray 2.60 gives every imperative redeploy a new code version, so Serve
+  rolls the replicas — each new replica loads the new weights, and an old one is stopped only after its running
+  requests finish (``scaling.graceful_shutdown_timeout_s``). No request is dropped (tests/test_serve.py).
+* ``serve deploy serve_config.yaml`` with only ``deployments[].user_config.model_dir`` changed: a lightweight
+  update — Serve calls ``reconfigure`` on each running replica, which starts an engine on the new weights, switches
+  new requests to it and lets running streams finish on the old engine before shutting it down. If the new
+  weights fail to load, the replica keeps serving the old ones.
 
 Metrics (Ray's Prometheus exporter, ``ray.serve.metrics``): ``llamaray_requests_total`` {endpoint, status},
 ``llamaray_request_latency_s``, ``llamaray_ttft_s``, ``llamaray_tokens_per_s`` {endpoint},
@@ -247,9 +251,17 @@ class LLMServer:
         async with self._swap_lock:
             if self.slot is not None and self.slot.info.model_dir == model_dir:
                 return
-            engine = self.engine_cls(model_dir, self.cfg.engine_options)
-            await engine.start()
-            codec = await asyncio.to_thread(PromptCodec, model_dir)
+            try:
+                engine = self.engine_cls(model_dir, self.cfg.engine_options)
+                await engine.start()
+                codec = await asyncio.to_thread(PromptCodec, model_dir)
+            except Exception:
+                if self.slot is None:  # first load: the deployment fails, loudly
+                    raise
+                # a promote to weights that do not load: keep serving the old ones (/v1/models keeps the old
+                # hash, so `llamaray promote` reports the failure) rather than take every replica down
+                log.exception("could not load %s; still serving %s", model_dir, self.slot.info.model_dir)
+                return
             new = _Slot(engine, codec, engine.model_info())
             old, self.slot = self.slot, new
             log.info("serving %s (hash %s, engine %s)", model_dir, new.info.hash, new.info.engine)
@@ -289,9 +301,9 @@ class LLMServer:
     async def models(self, request: Request) -> Response:
         try:
             self._auth(request)
+            info = self._require_slot().info
         except APIError as e:
             return _error(e)
-        info = self._require_slot().info
         return JSONResponse({"object": "list", "data": [
             {"id": info.name, "object": "model", "created": 0, "owned_by": "llamaray", "root": info.model_dir,
              "hash": info.hash, "max_model_len": info.max_model_len, "engine": info.engine}]})
@@ -533,7 +545,7 @@ class LLMServer:
 
 def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Path, *,
               engine_cls: type | None = None, name: str = "LLMServer") -> serve.Application:
-    """The deployment bound with its options. Only ``user_config`` carries the model, so a promote is light."""
+    """The deployment bound with its options; the model directory is the ``user_config`` (see the module doc)."""
     autoscaling = None
     if scaling.max_replicas > scaling.min_replicas:
         autoscaling = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,

@@ -5,14 +5,15 @@ Runbook::
     llamaray promote --config serve-tiny --model runs/dpo/hf       # the same --config/--set as the serve command
     curl -s http://127.0.0.1:8000/v1/models | python -m json.tool  # "hash" is now the new weights' sha256 prefix
 
-How: the application is redeployed with only its ``user_config`` changed (``{"model_dir": NEW}``). Serve treats that
-as a lightweight update and calls ``reconfigure`` on every running replica: each starts an engine on the new weights
-(the old one keeps answering meanwhile), switches new requests over, and shuts the old engine down once its running
-streams have finished. Nothing restarts, so no request is dropped; the deployment's other options must be the
-same as at ``serve`` time (pass the same config), otherwise Serve restarts replicas one by one instead (still
-graceful: each finishes its requests within ``scaling.graceful_shutdown_timeout_s``).
-The new directory is checked first (config.json, weights, tokenizer) and the job waits until the application is
-RUNNING again and every replica reports the new hash through ``/v1/models`` … as seen by the proxy (it polls).
+How: the application is redeployed (``serve.run``) with the new directory as its ``user_config``. Ray 2.60 gives
+every imperative redeploy a new code version, so Serve rolls the replicas: new ones load the new weights and an old
+one is stopped only after its running requests have finished (``scaling.graceful_shutdown_timeout_s``), so no
+request is dropped (tests/test_serve.py streams through a promote). Pass the same config as at ``serve`` time.
+The new directory is checked first (config.json, readable safetensors headers, tokenizer): a checkpoint that cannot
+load would leave the application DEPLOY_FAILED. Then the job waits until the application is RUNNING and
+``/v1/models`` reports the new hash on several answers in a row.
+For an in-place reload without replica restarts, deploy with ``serve deploy serve_config.yaml`` and change only
+``deployments[].user_config.model_dir`` there (see that file).
 What it leaves out: a canary / traffic split (Serve has no weighted routing between versions of one deployment).
 """
 

@@ -88,8 +88,20 @@ def check_model_dir(model: str | os.PathLike) -> Path:
         json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{cfg}: not valid JSON: {e}") from e
-    if not list(d.glob("*.safetensors")):
+    weights = sorted(d.glob("*.safetensors"))
+    if not weights:
         raise ConfigError(f"{d}: no *.safetensors weights")
+    from safetensors import safe_open
+
+    for f in weights:  # the headers only: catches truncated/corrupt files before a deployment depends on them
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                if not list(st.keys()):
+                    raise ConfigError(f"{f}: holds no tensors")
+        except ConfigError:
+            raise
+        except Exception as e:  # SafetensorError, OSError
+            raise ConfigError(f"{f}: not a readable safetensors file: {e}") from e
     if not any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise ConfigError(f"{d}: no tokenizer.json or tokenizer.model")
     return d.resolve()

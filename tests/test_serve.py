@@ -257,9 +257,9 @@ def test_client_disconnect_aborts_generation(served):
 
 
 def test_promote_while_streaming(served, client):
-    """Streams run back to back (3 at a time) while `llamaray promote` rolls checkpoint b in: every stream
-    completes with [DONE]; streams that started on a finish on a even after streams on b began (the swap happened
-    mid-stream); once promote returns, every request sees b's hash."""
+    """Streams run back to back (3 at a time) while `llamaray promote` rolls checkpoint b in (Serve replaces the
+    replica; the old one drains): every stream completes; a stream on a was still running after streams on b had
+    begun (old and new served side by side, nothing was cut); once promote returns, every request sees b's hash."""
     from jobs.promote import main as promote_main
 
     hash_a, hash_b = model_hash(served["a"]), model_hash(served["b"])

@@ -46,14 +46,17 @@ def cluster(tmp_path_factory):
         ray.shutdown()
 
 
+def app_config(cluster, name: str, *, llm: dict | None = None, **scaling):
+    base = cluster["base"]
+    return dataclasses.replace(base, app_name=name, route_prefix=f"/{name}",
+                               llm=dataclasses.replace(base.llm, **(llm or {})),
+                               scaling=dataclasses.replace(base.scaling, **scaling))
+
+
 def deploy_app(cluster, name: str, *, llm: dict | None = None, **scaling) -> str:
     from jobs.serve import deploy
 
-    base = cluster["base"]
-    cfg = dataclasses.replace(base, app_name=name, route_prefix=f"/{name}",
-                              llm=dataclasses.replace(base.llm, **(llm or {})),
-                              scaling=dataclasses.replace(base.scaling, **scaling))
-    return deploy(cfg)
+    return deploy(app_config(cluster, name, llm=llm, **scaling))
 
 
 def replicas(app: str) -> dict[str, int]:
@@ -219,6 +222,31 @@ def test_metrics_reach_prometheus(cluster):
         delete("metrics")
 
 
+def test_failed_promote_keeps_serving_the_old_model(cluster, tmp_path):
+    """A corrupt model.safetensors is refused before the redeploy (a rolling update to replicas that cannot start
+    would leave the application DEPLOY_FAILED): promote reports it and the old model keeps answering."""
+    import shutil
+
+    from actors.engine import model_hash
+    from jobs.promote import promote
+    from model.llama import ConfigError
+
+    cfg = app_config(cluster, "keep")
+    url = deploy_app(cluster, "keep")
+    try:
+        bad = tmp_path / "bad"
+        shutil.copytree(cluster["model"], bad)
+        (bad / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+        with pytest.raises(ConfigError, match="model.safetensors: not a readable safetensors file"):
+            promote(dataclasses.replace(cfg, model=str(bad)), settle_s=15)
+        status, body, _ = http("GET", f"{url}/v1/models")
+        assert status == 200 and body["data"][0]["hash"] == model_hash(cluster["model"])
+        status, body, _ = http("POST", f"{url}/v1/completions", {"prompt": "cat", "max_tokens": 3})
+        assert status == 200 and body["usage"]["completion_tokens"] >= 1
+    finally:
+        delete("keep")
+
+
 def test_serve_config_file_is_valid_for_serve_deploy(tmp_path):
     """serve_config.yaml parses with Ray's own schema and its application builds (no cluster needed)."""
     import yaml
@@ -235,6 +263,9 @@ def test_serve_config_file_is_valid_for_serve_deploy(tmp_path):
     opts = built._bound_deployment._deployment_config
     assert opts.user_config == {"model_dir": str(Path(app.args["model"]).resolve())}
     assert opts.autoscaling_config.max_replicas == 8 and opts.max_queued_requests == 256
+    (override,) = app.deployments  # the in-place promote path: a deployment-level user_config override
+    assert override.name == built._bound_deployment.name == "LLMServer"
+    assert set(override.user_config) == {"model_dir"}
     with pytest.raises(ValueError, match="args.model"):
         app_builder({"llm": {}})
     with pytest.raises(ValueError, match="max_replica"):
