@@ -232,6 +232,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None: ...
 
+    def settle(self) -> None: ...
+
 
 class RaySession:
     """Ray Train: checkpoints go through ray.train.report; the latest comes back from ray.train.get_checkpoint."""
@@ -258,6 +260,12 @@ class RaySession:
 
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(ckpt_dir)) if ckpt_dir else None)
 
+    def settle(self) -> None:
+        """Block until Ray Train has processed every report made so far (the controller polls asynchronously)."""
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(timeout_s=120)
+
 
 class LocalSession:
     """torchrun without Ray (benchmarks): no checkpoint store; reports are dropped."""
@@ -272,6 +280,9 @@ class LocalSession:
         yield None
 
     def report(self, metrics: dict[str, Any], ckpt_dir: Path | None) -> None:
+        pass
+
+    def settle(self) -> None:
         pass
 
 
@@ -392,6 +403,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
             marker = Path(spec.metrics_dir, f"killed-at-{step}")
             if not marker.exists():
                 marker.touch()
+                session.settle()  # "killed after a checkpoint": let Ray finish registering the reported ones
                 os.kill(os.getpid(), signal.SIGKILL)
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
