@@ -9,7 +9,6 @@ vLLM replicas.
 from __future__ import annotations
 
 import json
-import math
 import socket
 import sys
 import threading
