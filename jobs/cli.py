@@ -12,6 +12,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "import": ("jobs.import_model", "import an HF Llama directory or a GGUF file into a llamaray checkpoint"),
     "generate": ("jobs.generate", "sample from a checkpoint with the reference sampler"),
     "pretrain": ("jobs.pretrain", "pretrain with FSDP2 on Ray Train (checkpoints, resume, metrics, HF export)"),
+    "sft": ("jobs.sft", "supervised fine-tuning, full or LoRA, on the FSDP2 trainer (task metric, HF/adapter export)"),
+    "dpo": ("jobs.dpo", "direct preference optimisation, full or LoRA, against the starting weights as reference"),
     "serve": ("jobs.serve", "serve an HF checkpoint over an OpenAI-compatible HTTP API (Ray Serve)"),
     "promote": ("jobs.promote", "roll a new checkpoint into the running Serve application, dropping no request"),
     "clean": ("jobs.clean", "clean, dedup, tokenize and pack a corpus (Ray Data)"),
