@@ -23,12 +23,15 @@ seq 2048, micro 8/GPU, medians of steps 11-30):
 | torchrun, 2 GPUs, fused loss         |  121 795 |  60 898 | 40.9% | 50.6%         | 34.6 GB  |
 | Ray Train, 1 GPU, fused, micro 12    |   64 789 |  64 789 | 43.5% | 53.9%         | 55.1 GB  |
 | Ray Train, 1 GPU, fused, micro 16    |   66 792 |  66 792 | 44.9% | 55.5%         | 68.0 GB  |
+| + SDPA enable_gqa (no K/V copies)    |   67 258 |  67 258 | 45.2% | 55.9%         | 64.8 GB  |
+| torchrun, same                       |   66 968 |  66 968 | 45.0% | 55.7%         | 64.8 GB  |
 
 Ray overhead: 0.01 % (1 GPU), 1.35 % (2 GPUs). 2-GPU scaling 1.95× (micro 8). The ≥ 55 % MFU target is NOT met
 by the prescribed formula: best 44.9 % (micro 16; 55.5 % counting the 128k-vocabulary head, which this preset's tied
 embedding hides from N). Rows 1-2 ran on one nvidia-h100-x1 machine, rows 3-5 (and a torchrun plain-loss 1-GPU
 control: 56 158 tokens/s, so the machines agree within 2 %) on one nvidia-h100-x2 host, rows 6-7 on another
-nvidia-h100-x1 (steps 9-25). Measured with ``--micro 16 --steps 25 --warmup 8`` for the last two.
+nvidia-h100-x1 (steps 9-25). Measured with ``--micro 16 --steps 25 --warmup 8`` for the last four; the last two
+ran together on one more nvidia-h100-x1 (Ray overhead there: -0.4 %, i.e. noise).
 """
 
 from __future__ import annotations

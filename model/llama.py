@@ -243,15 +243,13 @@ class Attention(nn.Module):
             cache.v[self.layer_id][:, :, cache.length:end] = v
             k, v = cache.k[self.layer_id][:, :, :end], cache.v[self.layer_id][:, :, :end]  # (B, n_kv, S, hd)
 
-        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head.
-        rep = self.n_heads // self.n_kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)  # (B, n_heads, S, hd)
-            v = v.repeat_interleave(rep, dim=1)
+        # GQA: each group of n_heads / n_kv_heads query heads shares one key/value head; SDPA's enable_gqa
+        # broadcasts the shared heads inside the kernel instead of copying K/V (and a KV cache) n_heads/n_kv times.
+        gqa = self.n_heads != self.n_kv_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, n_heads, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, n_heads, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (B, 1, T, S) bool
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # mask: (B, 1, T, S) bool
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads·hd)
         return self.wo(y)
 
