@@ -14,15 +14,15 @@ and get new weights in place), and exactly-once bookkeeping wants to know which 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import ray
+
+from actors.engine import model_hash
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +102,6 @@ class BatchEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: RolloutParams) -> list[list[Candidate]]: ...
 
     def load_weights(self, model_dir: str) -> None: ...
-
-
-def model_hash(model_dir: str | os.PathLike) -> str:
-    """First 12 hex digits of sha256 over the weight files: the lineage tag of every generated row."""
-    h = hashlib.sha256()
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights found")
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 class VLLMBatchEngine:

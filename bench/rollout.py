@@ -85,12 +85,17 @@ def main() -> int:
                         "tokens_per_run": total, "vllm_compiled": args.compile}, "tokens_per_s": {}}
     rate = out["tokens_per_s"]
 
-    engine = VLLMBatchEngine(model_dir, **engine_opts)
-    dup = RolloutParams(n=1, temperature=0.8, max_tokens=args.max_tokens, ignore_eos=True)
-    rate["vllm_bare_n"] = total / timed(lambda: engine.generate(ids, params), args.repeats)
-    rate["vllm_bare_dup"] = total / timed(lambda: engine.generate([p for p in ids for _ in range(args.k)], dup),
-                                          args.repeats)
-    del engine
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, dtype="float32", enforce_eager=not args.compile, seed=0)
+    bare_n = SamplingParams(n=args.k, temperature=0.8, max_tokens=args.max_tokens, ignore_eos=True)
+    bare_1 = SamplingParams(n=1, temperature=0.8, max_tokens=args.max_tokens, ignore_eos=True)
+    reqs = [TokensPrompt(prompt_token_ids=p) for p in ids]
+    rate["vllm_bare_n"] = total / timed(lambda: llm.generate(reqs, bare_n, use_tqdm=False), args.repeats)
+    rate["vllm_bare_dup"] = total / timed(lambda: llm.generate([r for r in reqs for _ in range(args.k)], bare_1,
+                                                               use_tqdm=False), args.repeats)
+    del llm
     gc.collect()
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {

@@ -147,11 +147,11 @@ class Prompt:
     source: int
 
 
-def read_prompts(cfg: RSConfig) -> list[Prompt]:
+def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
     import pyarrow.parquet as pq
 
     prompts: dict[str, Prompt] = {}
-    for si, src in enumerate(cfg.sources):
+    for si, src in enumerate(sources):
         path = Path(src.path)
         if path.suffix == ".parquet":
             rows = pq.read_table(path).to_pylist()
@@ -282,23 +282,42 @@ def choose_engine(cfg: RSConfig):
     return default_engine_cls() if cfg.pool.num_gpus > 0 else ReferenceBatchEngine
 
 
-def run(cfg: RSConfig, *, progress: bool = True) -> dict:
-    """Run (or resume) one rejection-sampling pass; returns the manifest."""
+def make_pool(cfg: RSConfig):
+    """The rollout actors for ``cfg`` (the rounds job keeps one pool alive across rounds)."""
+    from actors.rollout import RolloutPool
+    from cluster.connect import connect
+
+    connect(cfg.ray_address or None)
+    engine_cls = choose_engine(cfg)
+    engine_opts = {"seed": cfg.seed}
+    if engine_cls.name == "vllm":
+        engine_opts.update(gpu_memory_utilization=cfg.pool.gpu_memory_utilization,
+                           dtype="float32" if cfg.pool.num_gpus == 0 else "auto",
+                           tensor_parallel_size=max(1, int(cfg.pool.num_gpus)))
+    return RolloutPool(cfg.model, num_actors=cfg.pool.num_actors, engine_cls=engine_cls, engine_opts=engine_opts,
+                       actor_options={"num_cpus": cfg.pool.num_cpus, "num_gpus": cfg.pool.num_gpus},
+                       max_in_flight=cfg.pool.max_in_flight)
+
+
+def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
+    """Run (or resume) one rejection-sampling pass; returns the manifest.
+
+    ``pool``: live rollout actors already holding ``cfg.model`` (kept open); None starts and stops a pool here.
+    """
     import ray
     from tqdm import tqdm
 
-    from actors.rollout import PromptItem, RolloutParams, RolloutPool, model_hash
+    from actors.rollout import PromptItem, RolloutParams, model_hash
     from actors.scorers import ScorerActor, score_with_verifier
-    from cluster.connect import connect
 
     out = Output(cfg)
-    prompts = read_prompts(cfg)
+    prompts = read_prompts(cfg.sources)
     done = out.done_ids()
     todo = [p for p in prompts if p.id not in done]
     m_hash = model_hash(cfg.model)
-    engine_cls = choose_engine(cfg)
-    log.info("rejection sampling: %d prompts, %d already done, engine %s", len(prompts), len(done), engine_cls.name)
-    print(f"[rs] engine: {engine_cls.name} ({'chosen' if cfg.pool.engine == 'auto' else 'configured'}); "
+    engine_name = pool.engine_name if pool is not None else choose_engine(cfg).name
+    log.info("rejection sampling: %d prompts, %d already done, engine %s", len(prompts), len(done), engine_name)
+    print(f"[rs] engine: {engine_name} ({'chosen' if cfg.pool.engine == 'auto' else 'configured'}); "
           f"{len(todo)} of {len(prompts)} prompts to do", file=sys.stderr)
 
     params = RolloutParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
@@ -307,16 +326,10 @@ def run(cfg: RSConfig, *, progress: bool = True) -> dict:
     new_file = not metrics_path.exists()
     stats = {"prompts_done": len(done), "candidates": 0, "accepted": 0, "tokens": 0}
     t0 = time.monotonic()
+    own_pool = pool is None
     if todo:
-        connect(cfg.ray_address or None)
-        engine_opts = {"seed": cfg.seed}
-        if engine_cls.name == "vllm":
-            engine_opts.update(gpu_memory_utilization=cfg.pool.gpu_memory_utilization, dtype="float32"
-                               if cfg.pool.num_gpus == 0 else "auto",
-                               tensor_parallel_size=max(1, int(cfg.pool.num_gpus)))
-        pool = RolloutPool(cfg.model, num_actors=cfg.pool.num_actors, engine_cls=engine_cls, engine_opts=engine_opts,
-                           actor_options={"num_cpus": cfg.pool.num_cpus, "num_gpus": cfg.pool.num_gpus},
-                           max_in_flight=cfg.pool.max_in_flight)
+        if own_pool:
+            pool = make_pool(cfg)
         model_scorers = {i: ScorerActor.remote(s.scorer) for i, s in enumerate(cfg.sources) if not s.scorer.is_verifier}
         by_id = {p.id: p for p in todo}
         batches = [todo[i:i + cfg.pool.batch_size] for i in range(0, len(todo), cfg.pool.batch_size)]
@@ -361,8 +374,9 @@ def run(cfg: RSConfig, *, progress: bool = True) -> dict:
                                  f"{stats['candidates'] / elapsed:.3f}"])
                 mf.flush()
         bar.close()
-        pool.shutdown()
-    return finish(cfg, out, prompts, m_hash, engine_cls.name)
+        if own_pool:
+            pool.shutdown()
+    return finish(cfg, out, prompts, m_hash, engine_name)
 
 
 def finish(cfg: RSConfig, out: Output, prompts: list[Prompt], m_hash: str, engine: str) -> dict:

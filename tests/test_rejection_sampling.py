@@ -146,7 +146,7 @@ def test_bad_rs_configs_are_clear(setup, tmp_path):
     dup.write_text('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n')
     cfg = load_config(RSConfig, None, [f"model={model_dir}", f"sources=[{{path: {dup}}}]"])
     with pytest.raises(ConfigError, match="duplicate prompt id 'a'"):
-        read_prompts(cfg)
+        read_prompts(cfg.sources)
 
 
 def test_a_crashing_or_hanging_verifier_is_a_failed_verdict(monkeypatch):
