@@ -17,6 +17,9 @@ JOBS: dict[str, tuple[str, str]] = {
     "serve": ("jobs.serve", "serve an HF checkpoint over an OpenAI-compatible HTTP API (Ray Serve)"),
     "promote": ("jobs.promote", "roll a new checkpoint into the running Serve application, dropping no request"),
     "clean": ("jobs.clean", "clean, dedup, tokenize and pack a corpus (Ray Data)"),
+    "rs": ("jobs.rejection_sampling", "rejection sampling: K candidates per prompt, scored, best kept (exactly once)"),
+    "rs-rounds": ("jobs.rs_rounds", "rounds of RS → SFT with new weights in the live rollout actors"),
+    "pipeline": ("jobs.pipeline", "the whole lifecycle: pretrain → SFT → RS rounds → DPO, with a summary"),
 }
 
 

@@ -1,0 +1,228 @@
+"""The whole lifecycle in one job: pretrain → SFT → rejection-sampling rounds → DPO, then a summary and how to serve.
+
+Runbook (the README's main command; CPU, 2 cores, about 10–15 minutes):
+    llamaray pipeline --config pipeline-tiny
+    python -m jobs.pipeline --config pipeline-tiny --set stages=[sft,rs,dpo]     # reuse an earlier pretrain
+
+Stages, each its own job with its own run directory under ``<storage>/<name>/`` (so each resumes on a rerun):
+  pretrain  jobs/pretrain.py on the embedded corpus (tokenizer, cleaning, packing, FSDP2 on Ray Train) → pretrain/hf
+  tasks     generated arithmetic word problems (tasks/arithmetic.py): SFT rows, RS prompts, held-out prompts
+  sft       jobs/sft.py from the pretrain export on the SFT rows → sft/hf
+  rs        jobs/rs_rounds.py: RS → SFT rounds with the live rollout actors → rounds/round-R/sft/hf
+  dpo       jobs/dpo.py from the last policy on the last round's best/worst pairs → dpo/hf
+At the end: summary.json and summary.png (held-out greedy accuracy after each stage), and the command that serves
+the final model. Leaves out: serving itself (a long-running service: ``llamaray serve --model …``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
+from model.llama import ConfigError
+
+Stage = Literal["pretrain", "sft", "rs", "dpo"]
+
+
+@dataclass
+class TaskData:
+    """The generated arithmetic task of the post-training stages."""
+
+    digits: int = 1
+    """Digits per operand (1: learnable by the tiny model in minutes; 2: the SmolLM2 recipe)."""
+    sft_rows: int = 1000
+    """Worked examples for SFT."""
+    rs_prompts: int = 128
+    """Prompts per rejection-sampling round."""
+    heldout: int = 64
+    """Held-out prompts for the accuracy figures (never trained on)."""
+    seed: int = 0
+    """Generator seed."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.digits <= 6:
+            raise ConfigError(f"tasks.digits must be in 1..6, got {self.digits}")
+        for name in ("sft_rows", "rs_prompts", "heldout"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"tasks.{name} must be ≥ 1, got {getattr(self, name)}")
+
+
+@dataclass
+class PipelineConfig:
+    """Which stages run and each stage's settings (as in that stage's own config file)."""
+
+    name: str = "pipeline-tiny"
+    """Run directory name under ``storage``; rerunning with the same name resumes every stage."""
+    storage: str = "runs"
+    """Parent directory of runs."""
+    stages: list[Stage] = field(default_factory=lambda: ["pretrain", "sft", "rs", "dpo"])
+    """Stages to run, in lifecycle order; a skipped stage's output from an earlier run is reused."""
+    tasks: TaskData = field(default_factory=TaskData)
+    """The generated task data."""
+    pretrain: dict = field(default_factory=dict)
+    """jobs/pretrain.py settings (run.name/storage are set here)."""
+    sft: dict = field(default_factory=dict)
+    """jobs/sft.py settings (init, data.train and run.name/storage are set here)."""
+    rounds: dict = field(default_factory=dict)
+    """jobs/rs_rounds.py settings (policy, prompts, heldout and out are set here)."""
+    dpo: dict = field(default_factory=dict)
+    """jobs/dpo.py settings (init, data.train and run.name/storage are set here)."""
+
+    def __post_init__(self) -> None:
+        order = ["pretrain", "sft", "rs", "dpo"]
+        if not self.stages:
+            raise ConfigError("stages is empty")
+        if [s for s in order if s in self.stages] != list(self.stages):
+            raise ConfigError(f"stages must be in lifecycle order {order} without repeats, got {self.stages}")
+        # Build every stage's config once with placeholder paths, so a bad key fails now and not an hour in.
+        self.pretrain_config()
+        placeholder = str(Path(__file__))
+        self._stage("sft", self.sft, {"init": placeholder, "data": {"train": placeholder}})
+        self._stage("dpo", self.dpo, {"init": placeholder, "data": {"train": placeholder}})
+        from jobs.rs_rounds import RoundsConfig
+
+        known = set(RoundsConfig.__dataclass_fields__)
+        unknown = sorted(set(self.rounds) - known)
+        if unknown:
+            raise ConfigError(f"rounds: unknown field(s) {unknown}; known: {sorted(known)}")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.storage).resolve() / self.name
+
+    def _stage(self, stage: str, base: dict, over: dict):
+        from jobs.dpo import DpoConfig
+        from jobs.sft import SftConfig
+
+        cls = {"sft": SftConfig, "dpo": DpoConfig}[stage]
+        run = {"run": {"name": stage, "storage": str(self.dir)}}
+        return from_dict(cls, deep_merge(deep_merge(base, over), run), f"pipeline.{stage}")
+
+    def pretrain_config(self):
+        from jobs.pretrain import PretrainConfig
+
+        over = {"run": {"name": "pretrain", "storage": str(self.dir)}}
+        return from_dict(PretrainConfig, deep_merge(self.pretrain, over), "pipeline.pretrain")
+
+
+def write_tasks(cfg: PipelineConfig) -> dict[str, Path]:
+    from tasks.arithmetic import problems, sft_row
+
+    d = cfg.dir / "tasks"
+    d.mkdir(parents=True, exist_ok=True)
+    t = cfg.tasks
+    pool = problems(t.sft_rows + t.rs_prompts, seed=t.seed, digits=t.digits)
+    held = problems(t.heldout, seed=t.seed + 10_000, digits=t.digits, prefix="heldout")
+    files = {"sft": d / "sft.jsonl", "prompts": d / "rs-prompts.jsonl", "heldout": d / "heldout.jsonl"}
+    files["sft"].write_text("".join(json.dumps(sft_row(p)) + "\n" for p in pool[:t.sft_rows]))
+    files["prompts"].write_text("".join(json.dumps(p.to_dict()) + "\n" for p in pool[t.sft_rows:]))
+    files["heldout"].write_text("".join(json.dumps(p.to_dict()) + "\n" for p in held))
+    return files
+
+
+def greedy_accuracy(model_dir: str, heldout: Path, max_new_tokens: int = 32) -> float:
+    """Held-out greedy accuracy with the reference sampler and the numeric verifier."""
+    from actors.verifiers import NumericVerifier
+    from model.hf import load_hf
+    from model.sampler import SamplingParams, generate
+
+    model, tok = load_hf(model_dir)
+    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}]), bos=True) for r in rows]
+    outs = generate(model.eval(), ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
+                                                      stop_token_ids=tuple(getattr(tok, "stop_ids", ()))),
+                    tokenizer=tok)
+    verify = NumericVerifier()
+    return sum(verify(o[0].text, r["reference"]).passed for o, r in zip(outs, rows)) / len(rows)
+
+
+def run(cfg: PipelineConfig) -> dict:
+    from jobs.dpo import dpo
+    from jobs.pretrain import pretrain
+    from jobs.rs_rounds import RoundsConfig
+    from jobs.rs_rounds import run as rounds_run
+    from jobs.sft import sft
+
+    root = cfg.dir
+    root.mkdir(parents=True, exist_ok=True)
+    files = write_tasks(cfg)
+    exports = {"pretrain": root / "pretrain" / "hf", "sft": root / "sft" / "hf", "dpo": root / "dpo" / "hf"}
+    summary: dict = {"stages": {}, "tasks": {k: str(v) for k, v in files.items()}}
+
+    def need(stage: str, path: Path) -> str:
+        if not (path / "config.json").exists():
+            raise ConfigError(f"stage {stage} needs {path} (run the earlier stage, or add it to `stages`)")
+        return str(path)
+
+    if "pretrain" in cfg.stages:
+        out = pretrain(cfg.pretrain_config())
+        summary["stages"]["pretrain"] = {"export": out["export"], "val_loss": out["metrics"].get("val_loss")}
+    policy = need("sft", exports["pretrain"])
+    if "sft" in cfg.stages:
+        out = sft(cfg._stage("sft", cfg.sft, {"init": policy, "data": {"train": str(files["sft"])}}))
+        summary["stages"]["sft"] = {"export": out["export"]}
+    policy = need("rs", exports["sft"])
+    summary["stages"].setdefault("sft", {})["heldout_accuracy"] = greedy_accuracy(policy, files["heldout"])
+    last_dpo_pairs = None
+    if "rs" in cfg.stages:
+        over = {"policy": policy, "prompts": str(files["prompts"]), "heldout": str(files["heldout"]),
+                "out": str(root / "rounds"), "replay": str(files["sft"])}
+        state = rounds_run(from_dict(RoundsConfig, deep_merge(cfg.rounds, over), "pipeline.rounds"))
+        policy = state["rounds"][-1]["policy"]
+        last_dpo_pairs = root / "rounds" / f"round-{state['rounds'][-1]['round']}" / "rs" / "dpo.jsonl"
+        summary["stages"]["rs"] = {"rounds": state["rounds"], "baseline_accuracy": state["baseline_accuracy"],
+                                   "heldout_accuracy": greedy_accuracy(policy, files["heldout"])}
+    if "dpo" in cfg.stages:
+        if last_dpo_pairs is None or not last_dpo_pairs.read_text().strip():
+            raise ConfigError("stage dpo needs best/worst pairs from the rs stage (none were produced)")
+        out = dpo(cfg._stage("dpo", cfg.dpo, {"init": policy, "data": {"train": str(last_dpo_pairs)}}))
+        policy = out["export"]
+        summary["stages"]["dpo"] = {"export": policy, "heldout_accuracy": greedy_accuracy(policy, files["heldout"]),
+                                    "metrics": {k: v for k, v in out["metrics"].items() if isinstance(v, (int, float))}}
+    summary["final_model"] = policy
+    summary["serve"] = f"llamaray serve --model {policy}"
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    plot(root, summary)
+    return summary
+
+
+def plot(root: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, accs = [], []
+    for stage, info in summary["stages"].items():
+        if "heldout_accuracy" in info:
+            names.append(stage)
+            accs.append(info["heldout_accuracy"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(names, accs, color="#4477aa")
+    ax.set(title="held-out greedy accuracy after each stage", ylabel="accuracy", ylim=(0, 1))
+    fig.tight_layout()
+    fig.savefig(root / "summary.png", dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = job_arg_parser("llamaray pipeline", __doc__)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        summary = run(cfg)
+    except ConfigError as e:
+        print(f"llamaray pipeline: {e}", file=sys.stderr)
+        return 2
+    stages = {k: v.get("heldout_accuracy") for k, v in summary["stages"].items()}
+    print(json.dumps({"heldout_accuracy": stages, "final_model": summary["final_model"]}))
+    print(f"serve it with:  {summary['serve']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
