@@ -167,14 +167,27 @@ def test_bad_rows_counted_in_stats_and_report(trained):
 
 @pytest.fixture(scope="module")
 def lora_run(trained, task, tmp_path_factory):
-    """LoRA on top of the full-SFT export (init = an HF directory), 20 steps."""
+    """LoRA on top of the full-SFT export (init = an HF directory), 20 steps; the last worker SIGKILLs itself at step 15
+    and Ray Train restarts the group from the step-10 checkpoint."""
     full_run, out = trained
     storage = tmp_path_factory.mktemp("lora")
     res = sft(load_config(SftConfig, "sft-tiny", overrides(
         task, storage, "lora", init=out["export"], tokenizer="", **{
             "lora.enabled": True, "lora.rank": 4, "lora.targets": "[wq, wv, w2]", "train.max_steps": 20,
-            "train.lr": 1e-2, "run.eval_every": 20, "eval.prompts": 8})))
+            "train.lr": 1e-2, "run.eval_every": 20, "eval.prompts": 8, "run.ckpt_every": 10,
+            "run.fail_at_step": 15})))
     return Path(res["run_dir"]), res, Path(out["export"])
+
+
+def test_killed_worker_resumes_lora_run_from_checkpoint(lora_run):
+    from jobs.metrics import read_csv
+
+    run, res, _ = lora_run
+    assert (run / "metrics" / "killed-at-15").exists()
+    attempts = [json.loads(line) for line in (run / "metrics" / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in attempts] == [0, 20]
+    assert [int(r["step"]) for r in read_csv(run / "metrics" / "metrics.csv")] == list(range(1, 21))
+    assert res["metrics"]["step"] == 20
 
 
 def test_lora_changes_only_adapters_and_merge_equals_base_plus_adapter(lora_run):
