@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from corpus.config import DataConfig
-from jobs.config import deep_merge, from_dict, job_arg_parser, parse_overrides, resolve_config_path
+from jobs.config import job_arg_parser, load_config
 from model.llama import ConfigError, ModelArgs
 
 
@@ -66,23 +65,8 @@ class CleanJobConfig:
 
 
 def load_clean_config(path: str | None, overrides: list[str]) -> CleanJobConfig:
-    """Like jobs.config.load_config, but a YAML file may carry other jobs' sections (train:, run:, …): they are ignored.
-    Overrides are strict: an unknown key there is an error."""
-    data: dict[str, Any] = {}
-    where = "CleanJobConfig"
-    if path is not None:
-        p = resolve_config_path(path)
-        where = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
-        known = {f.name for f in dataclasses.fields(CleanJobConfig)}
-        data = {k: v for k, v in loaded.items() if k in known}
-    data = deep_merge(data, parse_overrides(overrides))
-    return from_dict(CleanJobConfig, data, where)
+    """A clean config, or a pretrain YAML whose other sections (train:, run:, …) are ignored; overrides are strict."""
+    return load_config(CleanJobConfig, path, overrides, ignore_other_sections=True)
 
 
 def format_stats(stats: dict[str, Any]) -> str:

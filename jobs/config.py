@@ -154,8 +154,13 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (or preset name) + ``key=value`` overrides → a validated ``cls``."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *,
+                ignore_other_sections: bool = False) -> T:
+    """YAML file (or preset name) + ``key=value`` overrides → a validated ``cls``.
+
+    ``ignore_other_sections``: top-level YAML keys that ``cls`` lacks are skipped (a job reading another job's preset,
+    e.g. ``clean`` on a pretrain YAML); overrides stay strict either way.
+    """
     data: dict[str, Any] = {}
     where = cls.__name__
     if path is not None:
@@ -167,6 +172,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{p}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        if ignore_other_sections:
+            known = {f.name for f in dataclasses.fields(cls)}
+            loaded = {k: v for k, v in loaded.items() if k in known}
         data = loaded
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where)
