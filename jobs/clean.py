@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config
 from model.llama import ConfigError, ModelArgs
