@@ -451,9 +451,11 @@ def run_dir(run: RunSettings) -> Path:
     return Path(run.storage).resolve() / run.name
 
 
-def resolve_init(init: str, rd: Path) -> str | None:
+def resolve_init(init: str, rd: Path, tokenizer: str = "") -> str | None:
     """``init`` as an HF directory: HF dirs as they are; a .gguf is imported and a DCP checkpoint converted into
-    ``<run>/init`` (once). Raises ConfigError for anything else."""
+    ``<run>/init`` (once; the tokenizer comes from ``tokenizer`` or the pretraining run's ``data/tokenizer``).
+    A LoRA run's checkpoint holds adapter tensors and is not a valid init: start from its ``hf/`` export instead.
+    Raises ConfigError for anything else."""
     if not init:
         return None
     p = Path(init)
@@ -477,8 +479,11 @@ def resolve_init(init: str, rd: Path) -> str | None:
             from jobs.checkpointing import dcp_to_hf, read_train_state
 
             args = ModelArgs.from_dict(read_train_state(p)["model"], source=str(p / "train_state.json"))
-            tok_dir = p.parent.parent / "data" / "tokenizer" if not (p / "tokenizer.model").exists() else p
-            dcp_to_hf(p, args, tok_dir if tok_dir.exists() else None, out)
+            tok_dir = Path(tokenizer) if tokenizer else p.parent / "data" / "tokenizer"
+            try:
+                dcp_to_hf(p, args, tok_dir if tok_dir.exists() else None, out)
+            except Exception as e:  # DCP raises several types for missing/mismatched tensors
+                raise ConfigError(f"init: {p} cannot be read as a full-model training checkpoint: {e}") from e
         return str(out)
     raise ConfigError(f"init: {p} is neither an HF Llama directory (config.json) nor a training checkpoint "
                       "(train_state.json)")
@@ -489,7 +494,7 @@ def start_point(init: str, tokenizer: str, model: ModelArgs, rd: Path) -> tuple[
     from model.hf import CONFIG_NAME, args_from_hf_config, check_tokenizer_fits
     from model.tokenizer import load_tokenizer
 
-    init_dir = resolve_init(init, rd)
+    init_dir = resolve_init(init, rd, tokenizer)
     if init_dir:
         cfg_path = Path(init_dir) / CONFIG_NAME
         model = args_from_hf_config(json.loads(cfg_path.read_text()), str(cfg_path))

@@ -165,6 +165,20 @@ def test_bad_rows_counted_in_stats_and_report(trained):
     assert list(run.glob("checkpoint_2*")), "a final checkpoint"
 
 
+def test_init_from_a_training_checkpoint_converts_it(trained, task, tmp_path):
+    from jobs.sft import resolve_init
+    from model.hf import load_hf
+
+    run, out = trained
+    init = resolve_init(str(out["checkpoint"]), tmp_path, str(task["tok"]))
+    assert init == str(tmp_path / "init")
+    got, tok = load_hf(init)
+    want, _ = load_hf(out["export"])
+    assert tok is not None
+    for k, v in want.state_dict().items():
+        torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module")
 def lora_run(trained, task, tmp_path_factory):
     """LoRA on top of the full-SFT export (init = an HF directory), 20 steps; the last worker SIGKILLs itself at step 15
