@@ -28,7 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
@@ -151,42 +151,31 @@ def _make_source(path: str):
     return lambda: ParquetRows(path)
 
 
-def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Run (or resume) the whole job; returns the final metrics and where things are."""
+def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSettings, scaling: ScalingSettings,
+               max_steps: int) -> Any:
+    """``TorchTrainer(train_fn)`` with the run's failure/checkpoint settings and a driver progress bar that follows
+    rank 0's metrics.csv (Ray Train callbacks run in the controller, not here); returns the Ray Train Result.
+    Shared by pretrain, SFT and DPO."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from jobs.metrics import CsvProgress, read_csv
 
-    preflight(cfg)
-    prepared, tok_dir = prepare_data(cfg)
-    rd = run_dir(cfg)
-    rd.mkdir(parents=True, exist_ok=True)
-    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    spec = LoopSpec(
-        model_args=cfg.model, train=cfg.train, seq_len=prepared.seq_len,
-        make_train_source=_make_source(str(prepared.train_dir)),
-        make_val_source=_make_source(str(prepared.val_dir)) if prepared.num_val else None,
-        metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
-        export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
-        fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
-        extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
-                      "seq_len": prepared.seq_len})
+    rd = Path(run.storage).resolve() / run.name
     trainer = TorchTrainer(
-        _train_fn, train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        train_fn, train_loop_config={"spec": spec},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=str(rd.parent),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints)))
-
+            name=run.name, storage_path=str(rd.parent),
+            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints)))
     stop = threading.Event()
     bar_thread = None
-    if cfg.run.progress:
+    if run.progress:
         csv_path = rd / "metrics" / "metrics.csv"
         rows = read_csv(csv_path)
-        bar = CsvProgress(csv_path, cfg.train.max_steps, start=int(rows[-1]["step"]) if rows else 0)
+        bar = CsvProgress(csv_path, max_steps, start=int(rows[-1]["step"]) if rows else 0)
 
         def follow() -> None:
             while not stop.wait(1.0):
@@ -203,6 +192,26 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
             bar_thread.join(timeout=5)
     if result.error:
         raise result.error
+    return result
+
+
+def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
+    """Run (or resume) the whole job; returns the final metrics and where things are."""
+    preflight(cfg)
+    prepared, tok_dir = prepare_data(cfg)
+    rd = run_dir(cfg)
+    rd.mkdir(parents=True, exist_ok=True)
+    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    spec = LoopSpec(
+        model_args=cfg.model, train=cfg.train, seq_len=prepared.seq_len,
+        make_train_source=_make_source(str(prepared.train_dir)),
+        make_val_source=_make_source(str(prepared.val_dir)) if prepared.num_val else None,
+        metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
+        export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
+        fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
+        extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
+                      "seq_len": prepared.seq_len})
+    result = fit_on_ray(_train_fn, spec, cfg.run, cfg.scaling, cfg.train.max_steps)
     return {"run_dir": str(rd), "metrics": result.metrics,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,

@@ -38,7 +38,6 @@ import random
 import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from jobs.config import job_arg_parser, load_config, to_dict
-from jobs.pretrain import RunSettings, ScalingSettings
+from jobs.pretrain import RunSettings, ScalingSettings, fit_on_ray
 from jobs.train_loop import TrainConfig
 from model.llama import ConfigError, ModelArgs
 from model.lora import LoraConfig
@@ -533,44 +532,8 @@ def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
 
 
 def launch(spec: FinetuneSpec, run: RunSettings, scaling: ScalingSettings) -> Any:
-    """Run ``finetune_worker`` on Ray Train with the pretrain driver's failure/checkpoint settings; returns Result."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from jobs.metrics import CsvProgress, read_csv
-
-    rd = run_dir(run)
-    trainer = TorchTrainer(
-        _train_fn, train_loop_config={"spec": spec},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=run.name, storage_path=str(rd.parent),
-            failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints)))
-    stop = threading.Event()
-    thread = None
-    if run.progress:
-        csv_path = rd / "metrics" / "metrics.csv"
-        rows = read_csv(csv_path)
-        bar = CsvProgress(csv_path, spec.train.max_steps, start=int(rows[-1]["step"]) if rows else 0)
-
-        def follow() -> None:
-            while not stop.wait(1.0):
-                bar.poll()
-            bar.close()
-
-        thread = threading.Thread(target=follow, daemon=True)
-        thread.start()
-    try:
-        result = trainer.fit()
-    finally:
-        stop.set()
-        if thread:
-            thread.join(timeout=5)
-    if result.error:
-        raise result.error
-    return result
+    """Run ``finetune_worker`` on Ray Train exactly as pretraining runs its workers; returns the Result."""
+    return fit_on_ray(_train_fn, spec, run, scaling, spec.train.max_steps)
 
 
 def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[int]], list[str]]:
