@@ -167,11 +167,17 @@ def run(cfg: PipelineConfig) -> dict:
         summary["stages"]["sft"] = {"export": out["export"]}
     policy = need("rs", exports["sft"])
     summary["stages"].setdefault("sft", {})["heldout_accuracy"] = greedy_accuracy(policy, files["heldout"])
-    last_dpo_pairs = None
+    rounds_state = root / "rounds" / "rounds.json"
     if "rs" in cfg.stages:
         over = {"policy": policy, "prompts": str(files["prompts"]), "heldout": str(files["heldout"]),
                 "out": str(root / "rounds"), "replay": str(files["sft"])}
         state = rounds_run(from_dict(RoundsConfig, deep_merge(cfg.rounds, over), "pipeline.rounds"))
+    elif rounds_state.exists():  # reuse the rounds of an earlier run
+        state = json.loads(rounds_state.read_text())
+    else:
+        state = None
+    last_dpo_pairs = None
+    if state and state["rounds"]:
         policy = state["rounds"][-1]["policy"]
         last_dpo_pairs = root / "rounds" / f"round-{state['rounds'][-1]['round']}" / "rs" / "dpo.jsonl"
         summary["stages"]["rs"] = {"rounds": state["rounds"], "baseline_accuracy": state["baseline_accuracy"],
