@@ -31,8 +31,7 @@ import torch
 
 from jobs.config import to_dict
 from jobs.pretrain import RunSettings, ScalingSettings
-from jobs.sft import (FinetuneSpec, LoraSettings, SftData, adapter_meta, check_cluster, launch, run_dir, run_job,
-                      split_rows, start_point)
+from jobs.sft import FinetuneSpec, LoraSettings, SftData, adapter_meta, launch, render_start, run_job
 from jobs.train_loop import TrainConfig
 from model.llama import ConfigError, ModelArgs
 
@@ -94,21 +93,13 @@ def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]]
 
 def dpo(cfg: DpoConfig) -> dict[str, Any]:
     """Run (or resume) a DPO job; returns final metrics and where the outputs are."""
-    from jobs.sft_data import render_all, render_pair, save_rendered
+    from jobs.sft_data import render_pair, save_rendered
     from model.hf import load_hf
     from model.llama import build_model
 
-    rd = run_dir(cfg.run)
-    init_dir, args, tok, tok_dir = start_point(cfg.init, cfg.tokenizer, cfg.model, rd)
-    max_len = cfg.data.max_len or args.max_seq_len
-    if max_len > args.max_seq_len:
-        raise ConfigError(f"data.max_len={max_len} is above the model's context (max_seq_len={args.max_seq_len})")
-    train_rows, val_rows = split_rows(cfg.data.train, cfg.data.val, cfg.data.val_fraction, cfg.data.seed)
-    tr = render_all(train_rows, render_pair, tok, max_len)
-    va = render_all(val_rows, render_pair, tok, max_len)
-    if not tr.rows:
-        raise ConfigError(f"data.train: {cfg.data.train} has no usable preference pair (dropped: {dict(tr.dropped)})")
-    check_cluster(cfg.run, cfg.scaling)
+    st = render_start(cfg.init, cfg.tokenizer, cfg.model, cfg.data, cfg.run, cfg.scaling, render_pair,
+                      "preference pair")
+    rd, init_dir, args, tok, tok_dir, tr, va = st.rd, st.init_dir, st.args, st.tok, st.tok_dir, st.train, st.val
     pad = tok.pad_id or 0
     data_dir = rd / "data"
     cols = ("c_inputs", "c_labels", "r_inputs", "r_labels")

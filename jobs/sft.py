@@ -556,21 +556,47 @@ def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) 
     return prompts, refs
 
 
-def sft(cfg: SftConfig) -> dict[str, Any]:
-    """Run (or resume) an SFT job; returns final metrics and where the outputs are."""
-    from jobs.sft_data import render_all, render_sft_row, save_rendered
+@dataclass
+class Start:
+    """What SFT and DPO share before their data differ: weights, tokenizer, rendered splits."""
 
-    rd = run_dir(cfg.run)
-    init_dir, args, tok, tok_dir = start_point(cfg.init, cfg.tokenizer, cfg.model, rd)
-    max_len = cfg.data.max_len or args.max_seq_len
+    rd: Path
+    init_dir: str | None
+    args: ModelArgs
+    tok: Any
+    tok_dir: str
+    val_rows: list[Any]
+    train: Any
+    val: Any
+
+
+def render_start(init: str, tokenizer: str, model: ModelArgs, data: SftData, run: RunSettings,
+                 scaling: ScalingSettings, render: Callable, what: str) -> Start:
+    """Resolve the starting weights and tokenizer, split and render the rows (``render`` per row), refuse a file with
+    no usable ``what``, and check the cluster — everything before any worker starts."""
+    from jobs.sft_data import render_all
+
+    rd = run_dir(run)
+    init_dir, args, tok, tok_dir = start_point(init, tokenizer, model, rd)
+    max_len = data.max_len or args.max_seq_len
     if max_len > args.max_seq_len:
         raise ConfigError(f"data.max_len={max_len} is above the model's context (max_seq_len={args.max_seq_len})")
-    train_rows, val_rows = split_rows(cfg.data.train, cfg.data.val, cfg.data.val_fraction, cfg.data.seed)
-    tr = render_all(train_rows, render_sft_row, tok, max_len)
-    va = render_all(val_rows, render_sft_row, tok, max_len)
+    train_rows, val_rows = split_rows(data.train, data.val, data.val_fraction, data.seed)
+    tr = render_all(train_rows, render, tok, max_len)
+    va = render_all(val_rows, render, tok, max_len)
     if not tr.rows:
-        raise ConfigError(f"data.train: {cfg.data.train} has no usable row (dropped: {dict(tr.dropped)})")
-    check_cluster(cfg.run, cfg.scaling)
+        raise ConfigError(f"data.train: {data.train} has no usable {what} (dropped: {dict(tr.dropped)})")
+    check_cluster(run, scaling)
+    return Start(rd, init_dir, args, tok, tok_dir, val_rows, tr, va)
+
+
+def sft(cfg: SftConfig) -> dict[str, Any]:
+    """Run (or resume) an SFT job; returns final metrics and where the outputs are."""
+    from jobs.sft_data import render_sft_row, save_rendered
+
+    st = render_start(cfg.init, cfg.tokenizer, cfg.model, cfg.data, cfg.run, cfg.scaling, render_sft_row, "row")
+    rd, init_dir, args, tok, tok_dir, val_rows, tr, va = (st.rd, st.init_dir, st.args, st.tok, st.tok_dir,
+                                                           st.val_rows, st.train, st.val)
     data_dir = rd / "data"
     save_rendered(tr, data_dir / "train.parquet", ("inputs", "labels"))
     if va.rows:
