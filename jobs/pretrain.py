@@ -28,7 +28,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
@@ -151,11 +151,10 @@ def _make_source(path: str):
     return lambda: ParquetRows(path)
 
 
-def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSettings, scaling: ScalingSettings,
-               max_steps: int) -> Any:
-    """``TorchTrainer(train_fn)`` with the run's failure/checkpoint settings and a driver progress bar that follows
-    rank 0's metrics.csv (Ray Train callbacks run in the controller, not here); returns the Ray Train Result.
-    Shared by pretrain, SFT and DPO."""
+def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings) -> Any:
+    """``run_worker(spec)`` on Ray Train workers with the run's failure/checkpoint settings and a driver progress
+    bar, labelled with the job (``spec.objective.name``), that follows rank 0's metrics.csv (Ray Train callbacks run
+    in the controller, not here); returns the Ray Train Result. Shared by pretrain, SFT and DPO."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -163,7 +162,7 @@ def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSe
 
     rd = Path(run.storage).resolve() / run.name
     trainer = TorchTrainer(
-        train_fn, train_loop_config={"spec": spec},
+        _train_fn, train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -175,7 +174,8 @@ def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSe
     if run.progress:
         csv_path = rd / "metrics" / "metrics.csv"
         rows = read_csv(csv_path)
-        bar = CsvProgress(csv_path, max_steps, start=int(rows[-1]["step"]) if rows else 0)
+        bar = CsvProgress(csv_path, spec.train.max_steps, start=int(rows[-1]["step"]) if rows else 0,
+                          desc=spec.objective.name)
 
         def follow() -> None:
             while not stop.wait(1.0):
@@ -211,7 +211,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
         extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
                       "seq_len": prepared.seq_len})
-    result = fit_on_ray(_train_fn, spec, cfg.run, cfg.scaling, cfg.train.max_steps)
+    result = fit_on_ray(spec, cfg.run, cfg.scaling)
     return {"run_dir": str(rd), "metrics": result.metrics,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,
