@@ -80,13 +80,28 @@ class ScalingSettings:
     use_gpu: bool = False
     """One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
+    """CPUs reserved per worker (Ray also sets the worker's OMP_NUM_THREADS to this: CPU-side work such as building
+    the model before it moves to the GPU runs on that many threads)."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved per worker when use_gpu. A fraction (e.g. 0.5) lets a worker share its card with rollout actors
+    that hold the rest (jobs/rs_rounds.py on one GPU: ``pool.num_gpus=0.5``); Ray only books the share, it does not
+    cap memory, so the sharers must fit together. Above 1 it must be whole (each worker still trains on one device)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        g = self.gpus_per_worker
+        if not g > 0 or (g > 1 and g != int(g)):
+            raise ConfigError(f"scaling.gpus_per_worker must be a fraction in (0, 1] or a whole number, "
+                              f"got {self.gpus_per_worker}")
+        if not self.use_gpu and self.gpus_per_worker != 1.0:
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker} needs scaling.use_gpu=true")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """What Ray Train reserves for each worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
 
 @dataclass
@@ -127,7 +142,7 @@ def preflight(cfg: PretrainConfig) -> None:
     validate(cfg.data, max_seq_len=cfg.model.max_seq_len)
     connect(cfg.run.address or None)
     check_resources(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                    cpus_per_worker=cfg.scaling.cpus_per_worker)
+                    cpus_per_worker=cfg.scaling.cpus_per_worker, gpus_per_worker=cfg.scaling.gpus_per_worker)
 
 
 def prepare_data(cfg: PretrainConfig) -> tuple[Any, str]:
@@ -164,7 +179,7 @@ def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings) -> An
     trainer = TorchTrainer(
         _train_fn, train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                               resources_per_worker=scaling.resources_per_worker()),
         run_config=ray.train.RunConfig(
             name=run.name, storage_path=str(rd.parent),
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
