@@ -227,15 +227,22 @@ def run_mode(name: str, d: Path, tok_dir: Path, data: Path, a: argparse.Namespac
     clock = RowClock(rd / "metrics" / "metrics.csv")
     poller = GpuMemPoller() if a.gpu else None
     t0 = time.time()
+    error = None
     with clock:
-        if poller:
-            with poller:
+        try:
+            if poller:
+                with poller:
+                    sft(cfg)
+            else:
                 sft(cfg)
-        else:
-            sft(cfg)
+        except Exception as e:  # noqa: BLE001 — e.g. the final checkpoint finds a full disk: keep the steps' figures
+            error = f"{type(e).__name__}: {str(e)[-1500:]}"
     t1 = time.time()
     rows = read_csv(rd / "metrics" / "metrics.csv")
-    report = json.loads((rd / "metrics" / "report.json").read_text())
+    if not rows:
+        raise RuntimeError(error or "the job wrote no metrics rows")
+    report_file = rd / "metrics" / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.exists() else {}
     lengths = [len(x) for x in pq.read_table(rd / "data" / "train.parquet", columns=["inputs"])
                .column("inputs").to_pylist()]
     steps = [int(r["step"]) for r in rows]
@@ -262,6 +269,10 @@ def run_mode(name: str, d: Path, tok_dir: Path, data: Path, a: argparse.Namespac
            "final_loss": float(rows[-1]["loss"]) if rows else None, "wall_s": round(t1 - t0, 1),
            "setup_s": round(clock.seen[min(clock.seen)] - t0, 1) if clock.seen else None,
            "teardown_s": round(t1 - clock.seen[max(clock.seen)], 1) if clock.seen else None}
+    if report.get("trainable_params") is None and rows[-1].get("trainable_params"):
+        out["trainable_params"] = int(float(rows[-1]["trainable_params"]))
+    if error:
+        out["error"] = error
     if a.gpu:
         out["mfu"] = round(tps * args.flops_per_token(int(mean_len)) / (989e12 * a.workers), 4)
     if not a.keep:
