@@ -54,7 +54,7 @@ class MetricsWriter:
             self.fields += new
             self._rewrite(read_csv(self.csv_path))
         with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k)) for k in self.fields})
+            csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(k, row.get(k)) for k in self.fields})
         if self._tb is None:
             return
         for k, v in row.items():
@@ -75,11 +75,11 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _fmt(v: Any) -> Any:
+def _fmt(key: str, v: Any) -> Any:
     if v is None:
         return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
+    if isinstance(v, float):  # 6 significant digits, but a wall-clock time needs milliseconds of a 10-digit epoch
+        return f"{v:.3f}" if key == "time" else f"{v:.6g}"
     return v
 
 

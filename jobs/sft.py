@@ -372,7 +372,8 @@ def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
     from cluster.connect import check_resources, connect
 
     connect(run.address or None)
-    check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker)
+    check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
+                    gpus_per_worker=scaling.gpus_per_worker)
 
 
 def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[int]], list[str]]:
