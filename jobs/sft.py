@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jobs.config import job_arg_parser, load_config, to_dict
@@ -155,10 +156,17 @@ class SftConfig:
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean cross-entropy over the assistant tokens of the micro-batch."""
-    from model.losses import next_token_loss
+    """Mean cross-entropy over the assistant tokens of the micro-batch.
 
-    return next_token_loss(model(batch["tokens"]), batch["labels"]), {}
+    The output head runs on the assistant positions only: prompt and padding positions never get logits (with a
+    128k vocabulary the head is most of an SFT step). Equal to ``next_token_loss(model(tokens), labels)``; like
+    ``fused_lm_loss`` it relies on the FSDP root staying unsharded after ``hidden_states`` (jobs/parallel.py)."""
+    from model.losses import IGNORE
+
+    labels = batch["labels"]
+    keep = labels != IGNORE
+    h = model.hidden_states(batch["tokens"])[keep]  # (N, dim), N = assistant tokens in the micro-batch
+    return F.cross_entropy(model.output(h).float(), labels[keep]), {}
 
 
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float) -> tuple[Tensor, dict[str, Tensor]]:

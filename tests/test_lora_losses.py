@@ -72,3 +72,20 @@ def test_dpo_loss_prefers_chosen():
     assert good.loss < bad.loss and good.accuracy == 1.0 and bad.accuracy == 0.0
     torch.testing.assert_close(good.reward_margin, torch.tensor(0.4))
     torch.testing.assert_close(good.loss, -torch.nn.functional.logsigmoid(torch.tensor(0.4)))
+
+
+def test_sft_loss_runs_the_head_on_assistant_positions_only_and_equals_the_full_loss():
+    from jobs.sft import sft_loss
+
+    torch.manual_seed(0)
+    model = small_model()
+    add_lora(model, LoraConfig(rank=4, targets=("wq", "wv")))
+    tokens = torch.randint(0, 101, (3, 12))
+    labels = torch.full((3, 12), IGNORE)
+    labels[0, 5:9], labels[1, 2:3], labels[2, 7:] = tokens[0, 6:10], tokens[1, 3:4], 7  # ragged answer spans
+    fast, stats = sft_loss(model, {"tokens": tokens, "labels": labels})
+    full = next_token_loss(model(tokens), labels)
+    torch.testing.assert_close(fast, full)
+    assert stats == {}
+    fast.backward()
+    assert model.layers[0].attention.wq.lora_b.grad is not None
