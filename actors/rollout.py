@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -150,23 +151,55 @@ class VLLMBatchEngine:
         self.model_dir = model_dir
 
 
+def reference_device(requested: str, *, cuda_available: bool, actor_gpu_ids: list | None) -> str:
+    """The device a reference engine runs on. ``requested`` "auto": CUDA when this process may use a GPU — inside a
+    Ray actor only if Ray assigned it one (``actor_gpu_ids``, from ``ray.get_gpu_ids()``; Ray 2.60 no longer hides
+    the GPUs from a 0-GPU actor, so ``cuda_available`` alone would let a CPU actor grab the card), outside Ray
+    (``actor_gpu_ids=None``) whenever CUDA is available. Anything else ("cpu", "cuda", "cuda:1") is used as given."""
+    if requested != "auto":
+        return requested
+    if not cuda_available:
+        return "cpu"
+    if actor_gpu_ids is not None and not actor_gpu_ids:
+        return "cpu"
+    return "cuda"
+
+
 class ReferenceBatchEngine:
-    """The plain-PyTorch sampler of ``model/sampler.py`` (batched, KV cache, native n)."""
+    """The plain-PyTorch sampler of ``model/sampler.py`` (batched, KV cache, native n), on CPU or one GPU.
+
+    ``device="auto"`` (default) runs on CUDA when the actor holds a GPU (``num_gpus`` > 0, fractions included — the
+    rollout actor can share one card with a Ray Train worker), else on CPU (``reference_device``). ``dtype``: the
+    weights and KV cache; float32 by default on every device. Why not bf16 on GPU: the sampler decodes one token per
+    step for a few hundred rows of a ≤ 1B model, which is kernel-launch bound, so bf16 buys little speed, while
+    fp32 keeps greedy answers (held-out accuracy) identical to the CPU engine's and to the fp32 HF export it loads,
+    with no near-tie argmax flips from bf16 rounding. Pass ``dtype="bfloat16"`` for larger models.
+    """
 
     name = "reference"
 
-    def __init__(self, model_dir: str, *, seed: int = 0, num_threads: int | None = None, **_ignored):
+    def __init__(self, model_dir: str, *, seed: int = 0, num_threads: int | None = None, device: str = "auto",
+                 dtype: str | None = None, **_ignored):
         import torch
 
-        from model.hf import load_hf
+        from model.hf import load_hf, resolve_dtype
 
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.model, self.tokenizer = load_hf(model_dir)
+        actor_gpus = None
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            actor_gpus = ray.get_gpu_ids()
+        self.device = torch.device(reference_device(device, cuda_available=torch.cuda.is_available(),
+                                                    actor_gpu_ids=actor_gpus))
+        self.dtype = resolve_dtype(dtype, "rollout dtype") or torch.float32
+        model, self.tokenizer = load_hf(model_dir, dtype=self.dtype)
+        self.model = model.to(self.device)
         self.model.eval()
         self.max_model_len = self.model.args.max_seq_len
         self.seed = seed
         self.model_dir = model_dir
+        print(f"[rollout] reference engine on {self.device} ({self.dtype}); Ray GPU ids of this actor: {actor_gpus}",
+              file=sys.stderr, flush=True)
 
     def generate(self, prompts: list[list[int]], params: RolloutParams) -> list[list[Candidate]]:
         from model.sampler import SamplingParams, generate
@@ -181,8 +214,8 @@ class ReferenceBatchEngine:
     def load_weights(self, model_dir: str) -> None:
         from model.hf import load_hf
 
-        model, _ = load_hf(model_dir)
-        self.model.load_state_dict(model.state_dict())
+        model, _ = load_hf(model_dir, dtype=self.dtype)
+        self.model.load_state_dict(model.state_dict())  # copies into the tensors already on self.device
         self.model_dir = model_dir
 
 
@@ -238,7 +271,9 @@ class RolloutWorker:
         return None, tokens
 
     def health(self) -> EngineHealth:
-        return EngineHealth(True, self.engine.name, self.model_dir, self.hash)
+        device = getattr(self.engine, "device", None)  # the reference engine says where it runs
+        return EngineHealth(True, self.engine.name, self.model_dir, self.hash,
+                            f"device={device}" if device is not None else "")
 
     def load_weights(self, model_dir: str) -> str:
         self.engine.load_weights(model_dir)

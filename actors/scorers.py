@@ -24,6 +24,10 @@ class ScorerConfig:
     """numeric | exact | regex | code (verifiers) | reward_model | logprob (model-based)."""
     model: str = ""
     """HF directory of the reward model (kind=reward_model) or the policy (kind=logprob)."""
+    check_work: bool = True
+    """numeric: also require every written calculation (``a + b = c``) in the answer to hold, so a right number
+    reached by wrong work is not kept as SFT data (measured: without it, ~40 % of accepted one-digit sums from a
+    weak tiny policy carried wrong work, and a round of SFT on them lowered held-out accuracy)."""
     time_limit_s: float = 5.0
     """Per-candidate wall-clock limit of the code sandbox."""
     memory_mb: int = 512
@@ -40,7 +44,7 @@ class ScorerConfig:
         return self.kind in ("numeric", "exact", "regex", "code")
 
     def verifier(self):
-        return {"numeric": NumericVerifier(), "exact": MatchVerifier(), "regex": MatchVerifier(regex=True),
+        return {"numeric": NumericVerifier(check_work=self.check_work), "exact": MatchVerifier(), "regex": MatchVerifier(regex=True),
                 "code": CodeVerifier(time_limit_s=self.time_limit_s, memory_mb=self.memory_mb)}[self.kind]
 
 

@@ -1,6 +1,7 @@
 """Verifiers: scorers for tasks whose answers can be checked (plain Python; the scorer actors wrap them).
 
-- ``NumericVerifier``: the last number in the answer equals the reference (math word problems).
+- ``NumericVerifier``: the last number in the answer equals the reference (math word problems); optionally every
+  written calculation in the answer must hold too (``check_work``).
 - ``MatchVerifier``: exact match (after whitespace/case normalisation) or a regular expression.
 - ``CodeVerifier``: runs candidate Python code against unit tests in a sandboxed subprocess — no network (a fresh
   network namespace), no writes outside its temporary directory (an unprivileged user plus an audit hook), CPU time,
@@ -52,11 +53,52 @@ def final_number(text: str) -> float | None:
         return None
 
 
+_EQUATION = re.compile(r"((?:-?\d+(?:\.\d+)?\s*[-+*/×÷]\s*)+-?\d+(?:\.\d+)?)\s*=\s*(-?\d+(?:\.\d+)?)")
+"""A written calculation: ``a op b [op c …] = r`` with + - * / × ÷ between plain numbers."""
+
+
+def _arith(expr: str) -> float | None:
+    """The value of a plain arithmetic expression (numbers and + - * /, usual precedence), or None."""
+    import ast
+    import operator
+
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        raise ValueError(type(node).__name__)
+
+    try:
+        return ev(ast.parse(expr.replace("×", "*").replace("÷", "/"), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError):
+        return None
+
+
+def wrong_step(text: str, rel_tol: float = 1e-6) -> str | None:
+    """The first written calculation in ``text`` that does not hold (``"8 - 2 = 3"``), or None if all do."""
+    for m in _EQUATION.finditer(text or ""):
+        value, claimed = _arith(m.group(1)), float(m.group(2))
+        if value is None or not math.isclose(value, claimed, rel_tol=rel_tol, abs_tol=1e-9):
+            return m.group(0)
+    return None
+
+
 @dataclass(frozen=True)
 class NumericVerifier:
-    """Correct when the last number in the answer equals the reference within a relative tolerance."""
+    """Correct when the last number in the answer equals the reference within a relative tolerance.
+
+    ``check_work=True`` also rejects an answer whose written calculations (``a + b = c``) do not hold, so a right
+    final number reached by wrong work ("8 - 2 = 3. The answer is 5.") is not kept as training data. Held-out
+    accuracy uses the default (final answer only), the usual definition.
+    """
 
     rel_tol: float = 1e-6
+    check_work: bool = False
     name: str = "numeric"
 
     def __call__(self, answer: str, reference: str) -> Verdict:
@@ -67,7 +109,12 @@ class NumericVerifier:
         if got is None:
             return Verdict(0.0, False, "no number in answer", self.name)
         ok = math.isclose(got, want, rel_tol=self.rel_tol, abs_tol=1e-9)
-        return Verdict(float(ok), ok, "match" if ok else f"got {got:g}, want {want:g}", self.name)
+        if not ok:
+            return Verdict(0.0, False, f"got {got:g}, want {want:g}", self.name)
+        bad = wrong_step(answer, self.rel_tol) if self.check_work else None
+        if bad is not None:
+            return Verdict(0.0, False, f"right answer, wrong work: {bad!r}", self.name)
+        return Verdict(1.0, True, "match", self.name)
 
 
 @dataclass(frozen=True)

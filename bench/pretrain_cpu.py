@@ -10,10 +10,18 @@ compile, synthetic tokens, no checkpoints; medians over the steps after ``--warm
 the same number of processes. On a shared 2-core machine the absolute figures move with the load: compare the
 columns of one run only.
 
-Measured 2026-11-25 on this 2-core shared CPU machine (load average well above 2, so treat as ±50 %): tokens/s
-with Ray 1 worker 2 378, without Ray 1 process 2 579 (Ray −8 %); Ray 2 workers 4 226, without Ray 2 processes 1 778
-(the other engineers' load changed between the runs). An earlier run of the same command gave 2 261 / 174 / 2 135 /
-3 286 before torchrun was given OMP_NUM_THREADS=1 like a Ray worker.
+Measured 2026-11-26 02:01 UTC on the dev box (AMD EPYC, 2 cores, quiet: 1-min load 0.02 at start; seq 128,
+micro 8 per worker, 15 measured steps each):
+
+| run                    | tokens/s | per worker | overhead of Ray |
+|------------------------|---------:|-----------:|----------------:|
+| Ray Train, 1 worker    |    2 665 |      2 665 |          4.2 %  |
+| torchrun, 1 process    |    2 782 |      2 782 |                 |
+| Ray Train, 2 workers   |    4 341 |      2 171 |          8.4 %  |
+| torchrun, 2 processes  |    4 737 |      2 368 |                 |
+
+Two workers on two cores give 1.63× (Ray) / 1.70× (torchrun): the gloo all-gathers and the Ray processes (raylet,
+GCS, the train controller) share the same two cores, which is where the extra 4 points of Ray overhead go at 2 workers.
 """
 
 from __future__ import annotations

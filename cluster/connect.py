@@ -45,7 +45,7 @@ def cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def check_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+def check_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float = 1.0,
                     resources: dict[str, float] | None = None) -> None:
     """Raise ConfigError when the cluster cannot place ``num_workers`` workers of this shape.
 
@@ -56,9 +56,10 @@ def check_resources(*, num_workers: int, use_gpu: bool, cpus_per_worker: float,
         return
     res = cluster_resources() if resources is None else resources
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
-    if use_gpu and num_workers > gpus:
+    if use_gpu and num_workers * gpus_per_worker > gpus:
         raise ConfigError(f"scaling: {num_workers} GPU worker(s) asked for (scaling.num_workers={num_workers}, "
-                          f"scaling.use_gpu=true) but the Ray cluster has {gpus:g} GPU(s)")
+                          f"scaling.use_gpu=true, scaling.gpus_per_worker={gpus_per_worker:g}) but the Ray cluster "
+                          f"has {gpus:g} GPU(s)")
     need = num_workers * cpus_per_worker
     if need > cpus:
         raise ConfigError(f"scaling: {num_workers} worker(s) × scaling.cpus_per_worker={cpus_per_worker:g} = "

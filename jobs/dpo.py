@@ -22,16 +22,14 @@ models; for a 7B-class model precompute on a GPU node), IPO/hinge variants, leng
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from jobs.config import to_dict
 from jobs.pretrain import RunSettings, ScalingSettings
-from jobs.sft import FinetuneSpec, LoraSettings, SftData, adapter_meta, launch, render_start, run_job
+from jobs.sft import LoraSettings, SftData, render_start, run_job, train_finetune
 from jobs.train_loop import TrainConfig
 from model.llama import ConfigError, ModelArgs
 
@@ -99,35 +97,17 @@ def dpo(cfg: DpoConfig) -> dict[str, Any]:
 
     st = render_start(cfg.init, cfg.tokenizer, cfg.model, cfg.data, cfg.run, cfg.scaling, render_pair,
                       "preference pair")
-    rd, init_dir, args, tok, tok_dir, tr, va = st.rd, st.init_dir, st.args, st.tok, st.tok_dir, st.train, st.val
-    pad = tok.pad_id or 0
-    data_dir = rd / "data"
+    data_dir = st.rd / "data"
     cols = ("c_inputs", "c_labels", "r_inputs", "r_labels")
     if not (data_dir / "train.parquet").is_file():  # a rerun (resume) keeps the reference figures it started with
-        ref_model = load_hf(init_dir, dtype=torch.float32)[0] if init_dir else \
-            build_model(args, device="cpu", seed=cfg.train.seed)
-        for name, r in (("train", tr), ("val", va)):
+        ref_model = load_hf(st.init_dir, dtype=torch.float32)[0] if st.init_dir else \
+            build_model(st.args, device="cpu", seed=cfg.train.seed)
+        for name, r in (("train", st.train), ("val", st.val)):
             if r.rows:
-                c, j = reference_logprobs(ref_model, r.rows, pad)
+                c, j = reference_logprobs(ref_model, r.rows, st.tok.pad_id or 0)
                 save_rendered(r, data_dir / f"{name}.parquet", cols, {"ref_chosen": c, "ref_rejected": j})
         del ref_model
-    stats = {**tr.drop_metrics("train"), **va.drop_metrics("val")}
-    (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
-    lora = cfg.lora.config() if cfg.lora.enabled else None
-    spec = FinetuneSpec(
-        model_args=args, train=cfg.train, objective="dpo", beta=cfg.beta,
-        train_path=str(data_dir / "train.parquet"), val_path=str(data_dir / "val.parquet") if va.rows else None,
-        pad_id=pad, init_dir=init_dir, lora=lora, tokenizer_dir=tok_dir, metrics_dir=str(rd / "metrics"),
-        ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
-        export_dir=str(rd / "hf") if cfg.run.export else None,
-        adapter_dir=str(rd / "adapter") if lora and cfg.lora.save_adapter else None,
-        adapter_meta=adapter_meta(lora, init_dir), fail_at_step=cfg.run.fail_at_step,
-        extra_report={**stats, "beta": cfg.beta})
-    result = launch(spec, cfg.run, cfg.scaling)
-    return {"run_dir": str(rd), "metrics": result.metrics, "data": stats,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "export": spec.export_dir, "adapter": spec.adapter_dir, "report": str(rd / "metrics" / "report.md")}
+    return train_finetune("dpo", cfg, st, beta=cfg.beta)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,22 +19,23 @@ FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb
 
 
 class MetricsWriter:
-    """CSV + TensorBoard on rank 0; a no-op object on other ranks (``enabled=False``)."""
+    """CSV + TensorBoard on rank 0; a no-op object on other ranks (``enabled=False``).
+
+    CSV columns: FIELDS, then every other key the rows bring (fine-tuning statistics, trainable_params,
+    val_task_accuracy …) in order of first appearance; a new key rewrites the file under the wider header."""
 
     def __init__(self, out_dir: str | Path, *, enabled: bool = True, resume_step: int = 0) -> None:
         self.enabled = enabled
         self.dir = Path(out_dir)
         self.csv_path = self.dir / "metrics.csv"
+        self.fields = list(FIELDS)
         self._tb = None
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_csv(self.csv_path) if int(r["step"]) <= resume_step] if resume_step else []
-        with self.csv_path.open("w", newline="") as f:  # rewrite: drop rows past the restored step
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            w.writeheader()
-            for r in kept:
-                w.writerow({k: r.get(k, "") for k in FIELDS})
+        self.fields += [k for k in (kept[0] if kept else {}) if k not in self.fields]
+        self._rewrite(kept)  # drop rows past the restored step
         try:
             from tensorboardX import SummaryWriter
         except ImportError:  # e.g. the GPU image: torch's own writer, or CSV only
@@ -48,14 +49,26 @@ class MetricsWriter:
         if not self.enabled:
             return
         row = {**row, "time": round(time.time(), 3)}
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields += new
+            self._rewrite(read_csv(self.csv_path))
         with self.csv_path.open("a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerow({k: _fmt(row.get(k)) for k in FIELDS})
+            csv.DictWriter(f, fieldnames=self.fields).writerow({k: _fmt(row.get(k)) for k in self.fields})
         if self._tb is None:
             return
         for k, v in row.items():
             if k not in ("step", "time") and isinstance(v, (int, float)) and v == v:
                 self._tb.add_scalar(f"train/{k}" if not k.startswith("val") else f"val/{k}", v, row["step"])
         self._tb.flush()
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        tmp = self.csv_path.with_suffix(".tmp")  # replaced in one go: the driver's progress bar reads the file
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.fields)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in self.fields} for r in rows)
+        tmp.replace(self.csv_path)
 
     def close(self) -> None:
         if self._tb is not None:
@@ -128,11 +141,11 @@ class CsvProgress:
     """A tqdm bar on the driver that follows rank 0's CSV (Ray Train callbacks run in the controller actor,
     not in the driver, so the driver polls the file instead)."""
 
-    def __init__(self, csv_path: str | Path, total: int, *, start: int = 0) -> None:
+    def __init__(self, csv_path: str | Path, total: int, *, start: int = 0, desc: str = "train") -> None:
         from tqdm import tqdm
 
         self.path = Path(csv_path)
-        self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
         self.seen = start
 
     def poll(self) -> None:

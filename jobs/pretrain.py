@@ -35,7 +35,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
@@ -90,13 +90,28 @@ class ScalingSettings:
     use_gpu: bool = False
     """One GPU per worker, NCCL and bf16; otherwise CPU, gloo and fp32."""
     cpus_per_worker: float = 1.0
-    """CPUs reserved per worker."""
+    """CPUs reserved per worker (Ray also sets the worker's OMP_NUM_THREADS to this: CPU-side work such as building
+    the model before it moves to the GPU runs on that many threads)."""
+    gpus_per_worker: float = 1.0
+    """GPUs reserved per worker when use_gpu. A fraction (e.g. 0.5) lets a worker share its card with rollout actors
+    that hold the rest (jobs/rs_rounds.py on one GPU: ``pool.num_gpus=0.5``); Ray only books the share, it does not
+    cap memory, so the sharers must fit together. Above 1 it must be whole (each worker still trains on one device)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
             raise ConfigError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        g = self.gpus_per_worker
+        if not g > 0 or (g > 1 and g != int(g)):
+            raise ConfigError(f"scaling.gpus_per_worker must be a fraction in (0, 1] or a whole number, "
+                              f"got {self.gpus_per_worker}")
+        if not self.use_gpu and self.gpus_per_worker != 1.0:
+            raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker} needs scaling.use_gpu=true")
+
+    def resources_per_worker(self) -> dict[str, float]:
+        """What Ray Train reserves for each worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.use_gpu else {})}
 
 
 @dataclass
@@ -137,7 +152,7 @@ def preflight(cfg: PretrainConfig) -> None:
     validate(cfg.data, max_seq_len=cfg.model.max_seq_len)
     connect(cfg.run.address or None)
     check_resources(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                    cpus_per_worker=cfg.scaling.cpus_per_worker)
+                    cpus_per_worker=cfg.scaling.cpus_per_worker, gpus_per_worker=cfg.scaling.gpus_per_worker)
 
 
 def prepare_data(cfg: PretrainConfig) -> tuple[Any, str]:
@@ -182,12 +197,12 @@ def train_dataset(train_dir: str | Path) -> Any:
     return files.map_batches(_read_shard, batch_size=1, num_cpus=0)
 
 
-def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSettings, scaling: ScalingSettings,
-               max_steps: int, datasets: dict[str, Any] | None = None) -> Any:
-    """``TorchTrainer(train_fn)`` with the run's failure/checkpoint settings and a driver progress bar that follows
-    rank 0's metrics.csv (Ray Train callbacks run in the controller, not here); returns the Ray Train Result.
-    Shared by pretrain, SFT and DPO. ``datasets`` (Ray Datasets by name) are each split across the workers in
-    order (``ray.train.get_dataset_shard(name)`` on a worker)."""
+def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
+               datasets: dict[str, Any] | None = None) -> Any:
+    """``run_worker(spec)`` on Ray Train workers with the run's failure/checkpoint settings and a driver progress
+    bar, labelled with the job (``spec.objective.name``), that follows rank 0's metrics.csv (Ray Train callbacks run
+    in the controller, not here); returns the Ray Train Result. Shared by pretrain, SFT and DPO. ``datasets`` (Ray
+    Datasets by name) are each split across the workers in order (``ray.train.get_dataset_shard(name)``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -199,9 +214,9 @@ def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSe
     data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ordered_execution_options()
                                        ) if datasets else None
     trainer = TorchTrainer(
-        train_fn, train_loop_config={"spec": spec}, datasets=datasets, dataset_config=data_config,
+        _train_fn, train_loop_config={"spec": spec}, datasets=datasets, dataset_config=data_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+                                               resources_per_worker=scaling.resources_per_worker()),
         run_config=ray.train.RunConfig(
             name=run.name, storage_path=str(rd.parent),
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
@@ -211,7 +226,8 @@ def fit_on_ray(train_fn: Callable[[dict[str, Any]], None], spec: Any, run: RunSe
     if run.progress:
         csv_path = rd / "metrics" / "metrics.csv"
         rows = read_csv(csv_path)
-        bar = CsvProgress(csv_path, max_steps, start=int(rows[-1]["step"]) if rows else 0)
+        bar = CsvProgress(csv_path, spec.train.max_steps, start=int(rows[-1]["step"]) if rows else 0,
+                          desc=spec.objective.name)
 
         def follow() -> None:
             while not stop.wait(1.0):
@@ -252,8 +268,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
         extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
                       "seq_len": prepared.seq_len})
-    result = fit_on_ray(_train_fn, spec, cfg.run, cfg.scaling, cfg.train.max_steps,
-                        datasets={"train": train_dataset(prepared.train_dir)})
+    result = fit_on_ray(spec, cfg.run, cfg.scaling, datasets={"train": train_dataset(prepared.train_dir)})
     return {"run_dir": str(rd), "metrics": result.metrics,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,

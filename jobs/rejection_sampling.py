@@ -273,8 +273,8 @@ def select(rows: list[dict], sel: SelectionConfig) -> tuple[list[dict], list[dic
 
 
 def choose_engine(cfg: RSConfig):
-    """auto → vLLM if it imports (on SmolLM2-135M, 16 prompts × n=8 it out-ran the reference sampler on this CPU,
-    bench/rollout.py), else the reference sampler with a warning."""
+    """auto → vLLM if it imports (SmolLM2-135M, 32 prompts × n=8 × 48 tokens on this 2-core CPU: vLLM actor 284
+    tokens/s, reference-sampler actor 164; bench/rollout.py), else the reference sampler with a warning."""
     from actors.rollout import ReferenceBatchEngine, VLLMBatchEngine, default_engine_cls
 
     if cfg.pool.engine == "vllm":

@@ -89,8 +89,9 @@ class RoundsConfig:
                         pool=self.pool, selection=self.selection, ray_address=self.ray_address)
 
 
-def heldout_accuracy(pool, path: str, size: int, max_tokens: int) -> float:
-    """Greedy accuracy of the pool's current policy on the first ``size`` held-out prompts (numeric verifier)."""
+def heldout_accuracy(pool, path: str, size: int, max_tokens: int, batch_size: int = 16) -> float:
+    """Greedy accuracy of the pool's current policy on the first ``size`` held-out prompts (numeric verifier),
+    ``batch_size`` prompts per actor call."""
     from actors.rollout import PromptItem, RolloutParams
     from actors.verifiers import NumericVerifier
     from jobs.rejection_sampling import read_prompts
@@ -101,7 +102,7 @@ def heldout_accuracy(pool, path: str, size: int, max_tokens: int) -> float:
     verify = NumericVerifier()
     correct = 0
     greedy = RolloutParams(n=1, temperature=0.0, max_tokens=max_tokens)
-    for results in pool.map([items[i:i + 16] for i in range(0, len(items), 16)], greedy):
+    for results in pool.map([items[i:i + batch_size] for i in range(0, len(items), batch_size)], greedy):
         for r in results:
             correct += int(not r.error and verify(r.candidates[0].text, refs[r.id]).passed)
     return correct / max(1, len(items))
@@ -121,7 +122,8 @@ def run(cfg: RoundsConfig) -> dict:
     pool = make_pool(cfg.rs_config(policy, len(done) + 1))
     try:
         if not done:
-            state["baseline_accuracy"] = heldout_accuracy(pool, cfg.heldout, cfg.heldout_size, cfg.max_tokens)
+            state["baseline_accuracy"] = heldout_accuracy(pool, cfg.heldout, cfg.heldout_size, cfg.max_tokens,
+                                                          cfg.pool.batch_size)
             print(f"[rs-rounds] round 0 (start policy): held-out accuracy {state['baseline_accuracy']:.3f}",
                   file=sys.stderr)
             atomic_write(state_file, json.dumps(state, indent=2))
@@ -138,7 +140,7 @@ def run(cfg: RoundsConfig) -> dict:
             result = sft(cfg.sft_config(policy, str(merged), r))
             policy = result["export"]
             pool.load_weights(policy)
-            acc = heldout_accuracy(pool, cfg.heldout, cfg.heldout_size, cfg.max_tokens)
+            acc = heldout_accuracy(pool, cfg.heldout, cfg.heldout_size, cfg.max_tokens, cfg.pool.batch_size)
             print(f"[rs-rounds] round {r}: accepted {manifest['sft_rows']} of {manifest['prompts']} prompts, "
                   f"held-out accuracy {acc:.3f}", file=sys.stderr)
             done.append({"round": r, "policy": policy, "accuracy": acc, "sft_rows": manifest["sft_rows"],

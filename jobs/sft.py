@@ -21,10 +21,9 @@ verifier or exact match) → ``<run>/metrics/eval.jsonl``, TensorBoard, report.
 Outputs under ``<run>``: DCP checkpoints (resume: rerun the same command), ``metrics/``, ``hf/`` (merged HF weights
 that vLLM loads), ``adapter/`` (``adapter.safetensors`` + ``adapter_config.json``, LoRA only).
 
-Why a worker of its own (``finetune_worker``) rather than jobs/train_loop.run_worker: that loop builds the model from a
-seed (no initial weights, no LoRA before sharding), its loss returns a bare scalar (no DPO statistics) and its
-evaluation has no generation metric. The worker here reuses its pieces (lr schedule, data addressing, param groups,
-sessions, DCP checkpointing, metrics writer) and adds those three hooks.
+Training runs jobs/train_loop.run_worker, the loop pretraining uses, with ``FinetuneObjective`` (SFT and DPO): it
+starts from ``init`` and adds LoRA before sharding, returns DPO statistics with the loss, adds the task metric to
+validation and exports merged weights plus the adapter.
 Leaves out: sequence packing (rows are right-padded per micro-batch), loading ``init`` straight into shards (each
 worker reads the full HF weights, fine up to a few B parameters), multi-node storage for ``<run>/data``.
 """
@@ -32,14 +31,10 @@ worker reads the full HF weights, fine up to a few B parameters), multi-node sto
 from __future__ import annotations
 
 import json
-import math
-import os
 import random
-import signal
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -48,7 +43,7 @@ from torch import Tensor, nn
 
 from jobs.config import job_arg_parser, load_config, to_dict
 from jobs.pretrain import RunSettings, ScalingSettings, fit_on_ray
-from jobs.train_loop import TrainConfig
+from jobs.train_loop import LoopSpec, TrainConfig, Worker
 from model.llama import ConfigError, ModelArgs
 from model.lora import LoraConfig
 
@@ -156,38 +151,7 @@ class SftConfig:
         self.train.grad_accum(self.scaling.num_workers)
 
 
-# ------------------------------------------------------------------------------------------------ worker
-
-
-@dataclass
-class FinetuneSpec:
-    """Everything a fine-tuning worker needs; picklable."""
-
-    model_args: ModelArgs
-    train: TrainConfig
-    objective: Literal["sft", "dpo"]
-    train_path: str
-    val_path: str | None
-    pad_id: int
-    init_dir: str | None = None
-    """HF directory with the starting weights (None: fresh weights from train.seed)."""
-    lora: LoraConfig | None = None
-    beta: float = 0.1
-    """DPO β."""
-    task_prompts: list[list[int]] = field(default_factory=list)
-    task_refs: list[str] = field(default_factory=list)
-    task_metric: str = "none"
-    max_new_tokens: int = 48
-    stop_ids: list[int] = field(default_factory=list)
-    tokenizer_dir: str | None = None
-    metrics_dir: str | None = None
-    ckpt_every: int = 0
-    eval_every: int = 0
-    export_dir: str | None = None
-    adapter_dir: str | None = None
-    adapter_meta: dict[str, Any] = field(default_factory=dict)
-    fail_at_step: int = 0
-    extra_report: dict[str, Any] = field(default_factory=dict)
+# ------------------------------------------------------------------------------------------------ objective
 
 
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -210,100 +174,106 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float) -> t
                     "chosen_logp": pc.mean(), "rejected_logp": pr.mean(), "logp_margin": (pc - pr).mean()}
 
 
-def _loss(spec: FinetuneSpec, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    return sft_loss(model, batch) if spec.objective == "sft" else dpo_batch_loss(model, batch, spec.beta)
+@dataclass
+class FinetuneObjective:
+    """SFT or DPO as a jobs/train_loop.Objective: starting weights (+ LoRA adapters) instead of a fresh model, DPO
+    statistics next to the loss, the task metric in validation, merged HF weights + the adapter alone as export."""
 
+    name: Literal["sft", "dpo"]
+    """sft: cross-entropy on assistant tokens; dpo: sigmoid DPO against precomputed reference log-probs."""
+    init_dir: str | None = None
+    """HF directory with the starting weights (None: fresh weights from train.seed)."""
+    lora: LoraConfig | None = None
+    """Adapters on a frozen base (None: full fine-tuning)."""
+    beta: float = 0.1
+    """DPO β."""
+    task_prompts: list[list[int]] = field(default_factory=list)
+    """Held-out prompt ids (with the generation prompt) for the task metric."""
+    task_refs: list[str] = field(default_factory=list)
+    """Reference answer of each task prompt."""
+    task_metric: str = "none"
+    """numeric, exact or none (TaskEval.metric)."""
+    max_new_tokens: int = 48
+    """Generation budget per task prompt."""
+    adapter_dir: str | None = None
+    """Also write the adapter alone here (LoRA only; None: don't)."""
+    adapter_meta: dict[str, Any] = field(default_factory=dict)
+    """Contents of the adapter's adapter_config.json."""
 
-def _source(spec: FinetuneSpec, path: str):
-    from jobs.sft_data import PairRows, SftRows
+    def build_model(self, args: ModelArgs, train: TrainConfig) -> nn.Module:
+        from model.llama import build_model
+        from model.lora import add_lora
 
-    return (SftRows if spec.objective == "sft" else PairRows)(path, spec.pad_id)
+        if self.init_dir:
+            from model.hf import load_hf
 
+            model, _ = load_hf(self.init_dir, dtype=torch.float32)
+        else:
+            model = build_model(args, device="cpu", seed=train.seed)
+        if self.lora is not None:
+            torch.manual_seed(train.seed)  # the same adapters on every rank
+            add_lora(model, self.lora)
+        return model
 
-def build_start_model(spec: FinetuneSpec) -> nn.Module:
-    """The starting weights (init dir or seeded fresh), plus LoRA adapters seeded identically on every rank."""
-    from model.llama import build_model
-    from model.lora import add_lora
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return sft_loss(model, batch) if self.name == "sft" else dpo_batch_loss(model, batch, self.beta)
 
-    if spec.init_dir:
-        from model.hf import load_hf
+    def tokens(self, batch: dict[str, Tensor]) -> int:
+        return batch["tokens"].numel()
 
-        model, _ = load_hf(spec.init_dir, dtype=torch.float32)
-    else:
-        model = build_model(spec.model_args, device="cpu", seed=spec.train.seed)
-    if spec.lora is not None:
-        torch.manual_seed(spec.train.seed)
-        add_lora(model, spec.lora)
-    model.train()
-    return model
+    def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
+        """val_task_accuracy: rank 0 generates with the merged weights, every rank gets the figure."""
+        import torch.distributed as dist
 
-
-def full_plain_model(model: nn.Module, spec: FinetuneSpec, *, rank: int) -> tuple[nn.Module | None, dict | None]:
-    """Collective: (merged plain Transformer, adapter tensors or None) on rank 0; (None, None) elsewhere."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from model.llama import build_model
-    from model.lora import add_lora, lora_state_dict, merge_lora
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None, None
-    plain = build_model(spec.model_args, device="cpu", seed=None)
-    adapter = None
-    if spec.lora is not None:
-        add_lora(plain, spec.lora)
-    plain.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
-    if spec.lora is not None:
-        adapter = lora_state_dict(plain)
-        merge_lora(plain)
-    plain.eval()
-    return plain, adapter
-
-
-def task_accuracy(plain: nn.Module, spec: FinetuneSpec, tok: Any) -> tuple[float, list[str]]:
-    """Greedy answers to the held-out prompts, scored with the numeric verifier or exact match."""
-    from actors.verifiers import MatchVerifier, NumericVerifier
-    from model.sampler import SamplingParams, generate
-
-    verifier = NumericVerifier() if spec.task_metric == "numeric" else MatchVerifier()
-    params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=0.0, stop_token_ids=tuple(spec.stop_ids))
-    with torch.no_grad():
-        outs = generate(plain, spec.task_prompts, params, tokenizer=tok)
-    texts = [o[0].text or "" for o in outs]
-    correct = sum(verifier(t, r).passed for t, r in zip(texts, spec.task_refs))
-    return correct / max(len(texts), 1), texts
-
-
-def _evaluate(model: nn.Module, spec: FinetuneSpec, source: Any, device: torch.device, rank: int,
-              world: int, tok: Any) -> dict[str, float]:
-    import torch.distributed as dist
-
-    from jobs.train_loop import micro_batch_indices
-
-    micro = spec.train.micro_batch_size
-    n = min(spec.train.eval_sequences or source.num_rows, source.num_rows)
-    n_batches = max(1, math.ceil(n / (micro * world)))  # the same count on every rank (FSDP collectives)
-    sums: dict[str, Tensor] = {}
-    model.eval()
-    with torch.no_grad():
-        for b in range(n_batches):
-            loss, stats = _loss(spec, model, source.batch(micro_batch_indices(0, b, rank, world, micro), device))
-            for k, v in {"loss": loss, **stats}.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=device)) + v.double()
-    keys = sorted(sums)
-    vec = torch.stack([sums[k] for k in keys]) / n_batches
-    dist.all_reduce(vec)
-    out = {f"val_{k}": float(v) / world for k, v in zip(keys, vec)}
-    if spec.task_prompts and spec.task_metric != "none":
-        plain, _ = full_plain_model(model, spec, rank=rank)
+        if not self.task_prompts or self.task_metric == "none":
+            return {}
+        plain, _ = self.plain_model(model, w)
         acc = torch.zeros(1, dtype=torch.float64)
-        if rank == 0:
-            acc[0] = task_accuracy(plain, spec, tok)[0]
-        acc = acc.to(device)
+        if w.rank == 0:
+            acc[0] = self.task_accuracy(plain, w.tok)[0]
+        acc = acc.to(w.device)
         dist.broadcast(acc, 0)
-        out["val_task_accuracy"] = float(acc[0])
-    model.train()
-    return out
+        return {"val_task_accuracy": float(acc[0])}
+
+    def export(self, model: nn.Module, w: Worker) -> None:
+        if not (w.spec.export_dir or self.adapter_dir):
+            return
+        plain, adapter = self.plain_model(model, w)
+        if w.rank == 0:
+            from model.hf import save_hf
+
+            if w.spec.export_dir:
+                save_hf(plain, w.tok, w.spec.export_dir)
+            if self.adapter_dir and adapter is not None:
+                save_adapter(adapter, self.adapter_dir, self.adapter_meta)
+
+    def plain_model(self, model: nn.Module, w: Worker) -> tuple[nn.Module | None, dict | None]:
+        """Collective: (merged plain Transformer, adapter tensors or None) on rank 0; (None, None) elsewhere."""
+        from jobs.checkpointing import gather_full_model
+        from model.lora import lora_state_dict, merge_lora
+
+        plain = gather_full_model(model, w.spec.model_args, rank=w.rank, lora=self.lora)
+        if plain is None:
+            return None, None
+        adapter = None
+        if self.lora is not None:
+            adapter = lora_state_dict(plain)
+            merge_lora(plain)
+        return plain.eval(), adapter
+
+    def task_accuracy(self, plain: nn.Module, tok: Any) -> tuple[float, list[str]]:
+        """Greedy answers to the held-out prompts, scored with the numeric verifier or exact match."""
+        from actors.verifiers import MatchVerifier, NumericVerifier
+        from model.sampler import SamplingParams, generate
+
+        verifier = NumericVerifier() if self.task_metric == "numeric" else MatchVerifier()
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0,
+                                stop_token_ids=tuple(getattr(tok, "stop_ids", [tok.eos_id])))
+        with torch.no_grad():
+            outs = generate(plain, self.task_prompts, params, tokenizer=tok)
+        texts = [o[0].text or "" for o in outs]
+        correct = sum(verifier(t, r).passed for t, r in zip(texts, self.task_refs))
+        return correct / max(len(texts), 1), texts
 
 
 def save_adapter(adapter: dict[str, Tensor], out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -315,132 +285,6 @@ def save_adapter(adapter: dict[str, Tensor], out_dir: str | Path, meta: dict[str
     save_file({k: v.contiguous() for k, v in adapter.items()}, str(out / "adapter.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
     return out
-
-
-def finetune_worker(spec: FinetuneSpec, session: Any) -> dict[str, Any]:
-    """One worker's run: start weights → (LoRA) → FSDP2 → restore → loop with eval/checkpoints → export."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from jobs import checkpointing
-    from jobs.metrics import MetricsWriter, write_report
-    from jobs.parallel import apply_fsdp, init_process_group_if_needed
-    from jobs.train_loop import lr_at, micro_batch_indices, param_groups
-    from model.tokenizer import load_tokenizer
-
-    device = session.device()
-    init_process_group_if_needed(device.type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = spec.train
-    accum = cfg.grad_accum(world)
-    tok = load_tokenizer(spec.tokenizer_dir) if spec.tokenizer_dir else None
-
-    model = build_start_model(spec).to(device)
-    apply_fsdp(model, device_type=device.type, mesh=init_device_mesh(device.type, (world,)), compile=cfg.compile,
-               activation_checkpointing=cfg.activation_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            fused=device.type == "cuda")
-    step, consumed, resumed_from = 0, 0, None
-    with session.restore() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = checkpointing.load(ckpt_dir, model, opt)
-            step, consumed, resumed_from = int(state["step"]), int(state["consumed"]), int(state["step"])
-    train_src = _source(spec, spec.train_path)
-    val_src = _source(spec, spec.val_path) if spec.val_path else None
-    enabled = rank == 0 and spec.metrics_dir is not None
-    writer = MetricsWriter(spec.metrics_dir or ".", enabled=enabled, resume_step=step)
-    eval_log = Path(spec.metrics_dir or ".", "eval.jsonl")
-
-    def log_eval(row: dict[str, Any]) -> None:
-        if enabled:
-            with eval_log.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    if enabled and step == 0:
-        eval_log.unlink(missing_ok=True)
-    if val_src is not None and step == 0:  # the "before" figure every fine-tuning report needs
-        before = _evaluate(model, spec, val_src, device, rank, world, tok)
-        log_eval({"step": 0, **before})
-    last: dict[str, Any] = {}
-    model.train()
-    while step < cfg.max_steps:
-        step += 1
-        if spec.fail_at_step and step == spec.fail_at_step and rank == world - 1 and spec.metrics_dir:
-            marker = Path(spec.metrics_dir, f"killed-at-{step}")
-            if not marker.exists():
-                marker.touch()
-                session.settle()
-                os.kill(os.getpid(), signal.SIGKILL)
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        stat_sums: dict[str, Tensor] = {}
-        tokens = torch.zeros((), device=device)
-        for a in range(accum):
-            batch = train_src.batch(micro_batch_indices(consumed, a, rank, world, cfg.micro_batch_size), device)
-            tokens += batch["tokens"].numel()
-            loss, stats = _loss(spec, model, batch)
-            (loss / accum).backward()
-            loss_sum += loss.detach() / accum
-            for k, v in stats.items():
-                stat_sums[k] = stat_sums.get(k, torch.zeros((), device=device)) + v / accum
-        params = [p for p in model.parameters() if p.requires_grad]
-        gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        consumed += cfg.batch_size
-        keys = sorted(stat_sums)
-        vec = torch.stack([loss_sum, tokens] + [stat_sums[k] for k in keys])
-        dist.all_reduce(vec)
-        dt = time.perf_counter() - t0
-        row: dict[str, Any] = {"step": step, "loss": float(vec[0]) / world, "lr": lr, "grad_norm": float(gn),
-                               "tokens_per_s": float(vec[1]) / dt, "consumed": consumed, "world_size": world,
-                               "trainable_params": trainable,
-                               **{k: float(v) / world for k, v in zip(keys, vec[2:])}}
-        final = step == cfg.max_steps
-        if val_src is not None and ((spec.eval_every and step % spec.eval_every == 0) or final):
-            ev = _evaluate(model, spec, val_src, device, rank, world, tok)
-            row.update(ev)
-            log_eval({"step": step, **ev})
-        writer.log(row)
-        last = row
-        if (spec.ckpt_every and step % spec.ckpt_every == 0) or final:
-            state = {"step": step, "consumed": consumed, "world_size": world, "model": spec.model_args.to_dict(),
-                     "objective": spec.objective}
-            with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as d:
-                checkpointing.save(d, model, opt, state, rank=rank)
-                session.report({k: v for k, v in row.items() if v is not None}, Path(d))
-        elif "val_loss" in row:
-            session.report({k: v for k, v in row.items() if v is not None}, None)
-
-    if spec.export_dir or spec.adapter_dir:
-        plain, adapter = full_plain_model(model, spec, rank=rank)
-        if rank == 0:
-            from model.hf import save_hf
-
-            if spec.export_dir:
-                save_hf(plain, tok, spec.export_dir)
-            if spec.adapter_dir and adapter is not None:
-                save_adapter(adapter, spec.adapter_dir, spec.adapter_meta)
-    writer.close()
-    if rank == 0 and spec.metrics_dir and last:
-        write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": world, "export_dir": spec.export_dir,
-                                              "trainable_params": trainable,
-                                              **{k: v for k, v in last.items() if k.startswith("val_")}})
-    dist.barrier()
-    return {**last, "resumed_from_step": resumed_from}
-
-
-def _train_fn(config: dict[str, Any]) -> None:
-    from jobs.train_loop import RaySession
-
-    finetune_worker(config["spec"], RaySession())
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -531,11 +375,6 @@ def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
     check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker)
 
 
-def launch(spec: FinetuneSpec, run: RunSettings, scaling: ScalingSettings) -> Any:
-    """Run ``finetune_worker`` on Ray Train exactly as pretraining runs its workers; returns the Result."""
-    return fit_on_ray(_train_fn, spec, run, scaling, spec.train.max_steps)
-
-
 def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[int]], list[str]]:
     """The first ``n`` usable held-out rows as (prompt ids with the generation prompt, reference answer)."""
     from jobs.sft_data import BadRow, prompt_messages, reference_answer
@@ -595,31 +434,41 @@ def sft(cfg: SftConfig) -> dict[str, Any]:
     from jobs.sft_data import render_sft_row, save_rendered
 
     st = render_start(cfg.init, cfg.tokenizer, cfg.model, cfg.data, cfg.run, cfg.scaling, render_sft_row, "row")
-    rd, init_dir, args, tok, tok_dir, val_rows, tr, va = (st.rd, st.init_dir, st.args, st.tok, st.tok_dir,
-                                                           st.val_rows, st.train, st.val)
-    data_dir = rd / "data"
-    save_rendered(tr, data_dir / "train.parquet", ("inputs", "labels"))
-    if va.rows:
-        save_rendered(va, data_dir / "val.parquet", ("inputs", "labels"))
-    stats = {**tr.drop_metrics("train"), **va.drop_metrics("val")}
-    (data_dir / "stats.json").write_text(json.dumps(stats, indent=2))
-    (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    for name, r in (("train", st.train), ("val", st.val)):
+        if r.rows:
+            save_rendered(r, st.rd / "data" / f"{name}.parquet", ("inputs", "labels"))
     prompts, refs = ([], []) if cfg.eval.metric == "none" else task_prompts(
-        [val_rows[i] for i in va.kept_index], tok, cfg.eval.prompts, args.max_seq_len, cfg.eval.max_new_tokens)
+        [st.val_rows[i] for i in st.val.kept_index], st.tok, cfg.eval.prompts, st.args.max_seq_len,
+        cfg.eval.max_new_tokens)
+    return train_finetune("sft", cfg, st, task_prompts=prompts, task_refs=refs, task_metric=cfg.eval.metric,
+                          max_new_tokens=cfg.eval.max_new_tokens)
+
+
+def train_finetune(name: Literal["sft", "dpo"], cfg: Any, st: Start, **objective: Any) -> dict[str, Any]:
+    """Record data stats and config, then train ``FinetuneObjective(name, **objective)`` on the rendered
+    ``<run>/data/{train,val}.parquet`` with jobs/train_loop.run_worker on Ray Train (``cfg``: an SftConfig or a
+    DpoConfig); returns final metrics and where the outputs are."""
+    from jobs.sft_data import PairRows, SftRows
+
+    data = st.rd / "data"
+    stats = {**st.train.drop_metrics("train"), **st.val.drop_metrics("val")}
+    (data / "stats.json").write_text(json.dumps(stats, indent=2))
+    (st.rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     lora = cfg.lora.config() if cfg.lora.enabled else None
-    spec = FinetuneSpec(
-        model_args=args, train=cfg.train, objective="sft", train_path=str(data_dir / "train.parquet"),
-        val_path=str(data_dir / "val.parquet") if va.rows else None, pad_id=tok.pad_id or 0, init_dir=init_dir,
-        lora=lora, task_prompts=prompts, task_refs=refs, task_metric=cfg.eval.metric,
-        max_new_tokens=cfg.eval.max_new_tokens, stop_ids=list(getattr(tok, "stop_ids", [tok.eos_id])),
-        tokenizer_dir=tok_dir, metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every,
-        eval_every=cfg.run.eval_every, export_dir=str(rd / "hf") if cfg.run.export else None,
-        adapter_dir=str(rd / "adapter") if lora and cfg.lora.save_adapter else None,
-        adapter_meta=adapter_meta(lora, init_dir), fail_at_step=cfg.run.fail_at_step, extra_report=stats)
-    result = launch(spec, cfg.run, cfg.scaling)
-    return {"run_dir": str(rd), "metrics": result.metrics, "data": stats,
+    obj = FinetuneObjective(name, st.init_dir, lora, adapter_meta=adapter_meta(lora, st.init_dir),
+                            adapter_dir=str(st.rd / "adapter") if lora and cfg.lora.save_adapter else None, **objective)
+    rows, pad = SftRows if name == "sft" else PairRows, st.tok.pad_id or 0
+    spec = LoopSpec(
+        model_args=st.args, train=cfg.train, objective=obj, make_train_source=partial(rows, data / "train.parquet", pad),
+        make_val_source=partial(rows, data / "val.parquet", pad) if st.val.rows else None,
+        seq_len=cfg.data.max_len or st.args.max_seq_len, metrics_dir=str(st.rd / "metrics"),
+        ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every, tokenizer_dir=st.tok_dir,
+        export_dir=str(st.rd / "hf") if cfg.run.export else None, fail_at_step=cfg.run.fail_at_step,
+        extra_report={**stats, **({"beta": obj.beta} if name == "dpo" else {})})
+    result = fit_on_ray(spec, cfg.run, cfg.scaling)
+    return {"run_dir": str(st.rd), "metrics": result.metrics, "data": stats,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "export": spec.export_dir, "adapter": spec.adapter_dir, "report": str(rd / "metrics" / "report.md")}
+            "export": spec.export_dir, "adapter": obj.adapter_dir, "report": str(st.rd / "metrics" / "report.md")}
 
 
 def adapter_meta(lora: LoraConfig | None, init_dir: str | None) -> dict[str, Any]:

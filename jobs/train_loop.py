@@ -1,8 +1,11 @@
-"""The FSDP2 training loop shared by pretrain / SFT / DPO, with a pluggable loss and data source.
+"""The one FSDP2 training loop of pretrain, SFT and DPO; an ``Objective`` supplies what differs between them.
 
 Worker shape (Ray's FSDP2 tutorial): device → build + shard (jobs/parallel.py) → restore the latest checkpoint if
 any (``session.restore``) → loop → ``session.report(metrics, checkpoint_dir)``. The same ``run_worker`` runs under
-Ray Train (``RaySession``, jobs/pretrain.py) and under plain ``torchrun`` (``LocalSession``, bench/pretrain_mfu.py).
+Ray Train (``RaySession``, jobs/pretrain.fit_on_ray) and under plain ``torchrun`` (``LocalSession``,
+bench/pretrain_mfu.py). The objective (``PretrainObjective`` here, ``FinetuneObjective`` in jobs/sft.py for SFT and
+DPO) builds the starting model, computes the loss and its statistics, adds validation figures and exports; the loop
+owns optimizer, schedule, accumulation, clipping, data position, metrics, evaluation cadence and checkpoints.
 
 Decisions:
 - Batch size is GLOBAL (sequences per optimizer step); gradient accumulation = batch_size / (micro × world), so the
@@ -15,13 +18,15 @@ Decisions:
   any world size — repeats only the steps after the checkpoint (jobs/data_stream.py says what an epoch can drop).
 - Weight decay on the attention/MLP matrices (and an untied output head); none on RMSNorm gains and the token
   embedding (with tied embeddings that is also the head): decaying embedding rows of rare tokens only shrinks them.
-- AdamW (fused on CUDA), linear warm-up then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm.
+- AdamW (fused on CUDA), linear warm-up then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm;
+  only parameters that require grad are optimised and clipped (LoRA: the adapters).
 - ``ray.train.report`` is a barrier, so it is called only at checkpoint/eval steps and the end, not every step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import resource
@@ -73,7 +78,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
     eval_sequences: int = 32
-    """Validation sequences per evaluation (rounded up to a whole number of micro-batches per worker)."""
+    """Validation sequences per evaluation, at most the split (0: the whole split; rounded up to whole micro-batches
+    per worker)."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "micro_batch_size"):
@@ -288,6 +294,61 @@ class LocalSession:
         pass
 
 
+# ------------------------------------------------------------------------------------------------ objectives
+
+
+class Objective(Protocol):
+    """What a role (pretrain, SFT, DPO) plugs into ``run_worker``; everything around these hooks is shared."""
+
+    name: str
+    """Job name: the progress bar's label and ``objective`` in the checkpoint's train_state.json."""
+
+    def build_model(self, args: ModelArgs, train: TrainConfig) -> nn.Module:
+        """The starting model on CPU, the same on every rank (run_worker moves and shards it)."""
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """(mean loss of one micro-batch, scalar statistics averaged into the metrics row like the loss)."""
+
+    def tokens(self, batch: Any) -> int:
+        """Tokens the model runs on in this micro-batch (tokens/s, MFU)."""
+
+    def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
+        """Collective: validation figures beyond ``val`` (``val_loss`` and ``val_<stat>``, averaged over ranks)."""
+
+    def export(self, model: nn.Module, w: Worker) -> None:
+        """Collective: write the run's outputs after the last step."""
+
+
+@dataclass
+class PretrainObjective:
+    """Next-token prediction on packed (B, T+1) token rows, from seeded fresh weights; exports an HF directory."""
+
+    loss_fn: Callable[[nn.Module, Tensor], Tensor] = causal_lm_loss
+    """(model, batch) → scalar mean loss (causal_lm_loss, or fused_lm_loss on GPU)."""
+    name: str = "pretrain"
+    """Job name."""
+
+    def build_model(self, args: ModelArgs, train: TrainConfig) -> nn.Module:
+        from model.llama import build_model
+
+        return build_model(args, device="cpu", seed=train.seed)
+
+    def loss(self, model: nn.Module, batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.loss_fn(model, batch), {}
+
+    def tokens(self, batch: Tensor) -> int:
+        return batch[:, 1:].numel()
+
+    def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
+        return {"val_ppl": math.exp(min(val["val_loss"], 50))}
+
+    def export(self, model: nn.Module, w: Worker) -> None:
+        if w.spec.export_dir:
+            from jobs.checkpointing import export_hf
+
+            export_hf(model, w.spec.model_args, w.spec.tokenizer_dir, w.spec.export_dir, rank=w.rank)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -296,26 +357,31 @@ class LoopSpec:
     """Everything a worker needs; picklable (Ray sends it to each worker)."""
 
     model_args: ModelArgs
+    """Model shape (also written into every checkpoint)."""
     train: TrainConfig
-    make_train_source: Callable[[], Any]
+    """Optimisation settings."""
+    make_train_source: Callable[[], RowSource]
     """Called on the worker: returns the training RowSource."""
-    make_val_source: Callable[[], Any] | None = None
+    make_val_source: Callable[[], RowSource] | None = None
     """Called on the worker: returns the validation RowSource, or None for no validation."""
-    loss_fn: Callable[[nn.Module, Any], Tensor] = causal_lm_loss
-    """(model, batch) → scalar mean loss."""
+    objective: Objective | None = None
+    """What is trained and how (jobs/sft.FinetuneObjective for SFT and DPO); None: PretrainObjective(loss_fn)."""
+    loss_fn: Callable[[nn.Module, Tensor], Tensor] = causal_lm_loss
+    """The pretraining loss, used when ``objective`` is None."""
     seq_len: int = 256
-    """Tokens per sequence (for tokens/s and MFU)."""
+    """Tokens per sequence, for the attention FLOPs of MFU (fine-tuning: the longest row allowed)."""
     metrics_dir: str | None = None
-    """Where rank 0 writes CSV/TensorBoard/report (None: nowhere)."""
+    """Where rank 0 writes CSV/TensorBoard/eval.jsonl/report (None: nowhere)."""
     ckpt_every: int = 0
     """Checkpoint every this many steps (0: only at the end, if ckpt_at_end)."""
     ckpt_at_end: bool = True
+    """Checkpoint after the last step."""
     eval_every: int = 0
     """Validation every this many steps (0: only at the end, if a validation source exists)."""
     export_dir: str | None = None
     """Write an HF directory here at the end (None: no export)."""
     tokenizer_dir: str | None = None
-    """Tokenizer files copied into the export."""
+    """Tokenizer (copied into the export; fine-tuning also generates with it)."""
     fail_at_step: int = 0
     """Test hook: the last rank SIGKILLs its own process once, at this step (0: never)."""
     log_every: int = 1
@@ -323,6 +389,27 @@ class LoopSpec:
     write_report: bool = True
     """Rank 0 writes report.md + loss.png at the end (needs matplotlib)."""
     extra_report: dict[str, Any] = field(default_factory=dict)
+    """More entries for report.json / report.md."""
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = PretrainObjective(self.loss_fn)
+
+
+@dataclass
+class Worker:
+    """One running worker, as the objective's hooks see it."""
+
+    spec: LoopSpec
+    """The run."""
+    device: torch.device
+    """This worker's device."""
+    rank: int
+    """This worker's rank."""
+    world: int
+    """Number of workers."""
+    tok: Any
+    """The tokenizer of spec.tokenizer_dir (None without one)."""
 
 
 def _peak_mem_gb(device: torch.device) -> float:
@@ -331,25 +418,41 @@ def _peak_mem_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB → GB (process RSS high-water mark)
 
 
-def _evaluate(model: nn.Module, spec: LoopSpec, source: Any, device: torch.device, rank: int, world: int) -> float:
+def _add(sums: dict[str, Tensor], values: dict[str, Tensor], weight: float = 1.0) -> None:
+    for k, v in values.items():
+        sums[k] = sums.get(k, 0) + v.detach().double() * weight
+
+
+def _rank_mean(sums: dict[str, Tensor], world: int) -> dict[str, float]:
+    """Collective: every value averaged over ranks (keys sorted, so every rank stacks them in the same order)."""
     import torch.distributed as dist
 
-    micro = spec.train.micro_batch_size
-    n_batches = max(1, math.ceil(spec.train.eval_sequences / (micro * world)))  # same count on every rank (FSDP)
-    total = torch.zeros(2, device=device, dtype=torch.float64)
+    keys = sorted(sums)
+    vec = torch.stack([sums[k] for k in keys])
+    dist.all_reduce(vec)
+    return {k: float(v) / world for k, v in zip(keys, vec)}  # float() waits for the device
+
+
+def _evaluate(model: nn.Module, source: RowSource, w: Worker) -> dict[str, float]:
+    """Collective: val_loss and val_<stat> over min(eval_sequences, split) rows (0: the whole split), + extras."""
+    obj, micro = w.spec.objective, w.spec.train.micro_batch_size
+    n = min(w.spec.train.eval_sequences or source.num_rows, source.num_rows)
+    n_batches = max(1, math.ceil(n / (micro * w.world)))  # the same count on every rank (FSDP collectives)
+    sums: dict[str, Tensor] = {}
     model.eval()
     with torch.no_grad():
         for b in range(n_batches):
-            idx = micro_batch_indices(0, b, rank, world, micro)
-            total[0] += spec.loss_fn(model, source.batch(idx, device)).double()
-            total[1] += 1
+            loss, stats = obj.loss(model, source.batch(micro_batch_indices(0, b, w.rank, w.world, micro), w.device))
+            _add(sums, {"loss": loss, **stats}, 1 / n_batches)
+        out = {f"val_{k}": v for k, v in _rank_mean(sums, w.world).items()}
+        out.update(obj.eval_extras(model, out, w))
     model.train()
-    dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return out
 
 
 def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
-    """One worker's whole run; returns the final metrics (same on every rank)."""
+    """One worker's whole run (pretrain, SFT or DPO: ``spec.objective``); returns the final metrics (same on every
+    rank)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -357,7 +460,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     from jobs.data_stream import as_train_source
     from jobs.metrics import MetricsWriter, write_report
     from jobs.parallel import apply_fsdp, init_process_group_if_needed, local_param_count
-    from model.llama import build_model
+    from model.tokenizer import load_tokenizer
 
     device = session.device()
     init_process_group_if_needed(device.type)
@@ -365,14 +468,17 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg, args = spec.train, spec.model_args
+    cfg, args, obj = spec.train, spec.model_args, spec.objective
     accum = cfg.grad_accum(world)
+    w = Worker(spec, device, rank, world, load_tokenizer(spec.tokenizer_dir) if spec.tokenizer_dir else None)
 
-    model = build_model(args, device="cpu", seed=cfg.seed).to(device)  # same init on every rank, then sharded
-    mesh = init_device_mesh(device.type, (world,))
-    apply_fsdp(model, device_type=device.type, mesh=mesh, compile=cfg.compile,
+    model = obj.build_model(args, cfg).to(device)  # the same weights on every rank, then sharded
+    apply_fsdp(model, device_type=device.type, mesh=init_device_mesh(device.type, (world,)), compile=cfg.compile,
                activation_checkpointing=cfg.activation_checkpointing)
+    model.train()
     local, full = local_param_count(model)
+    trained = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    trainable = sum(p.numel() for p in trained)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=device.type == "cuda")
 
@@ -385,23 +491,31 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     train_src = as_train_source(spec.make_train_source(), rank, world, cfg.micro_batch_size)
     train_src.restore(state)
     val_src = spec.make_val_source() if spec.make_val_source else None
-    writer = MetricsWriter(spec.metrics_dir or ".", enabled=rank == 0 and spec.metrics_dir is not None,
-                           resume_step=step)
+    writing = rank == 0 and spec.metrics_dir is not None
+    writer = MetricsWriter(spec.metrics_dir or ".", enabled=writing, resume_step=step)
     shard_info = torch.tensor([local], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(shard_info) for _ in range(world)]
     dist.all_gather(gathered, shard_info)
     shard_sizes = [int(t.item()) for t in gathered]
-    if rank == 0 and spec.metrics_dir:  # one record per (re)start: who resumed from where, how it was sharded
-        import json
-        Path(spec.metrics_dir).mkdir(parents=True, exist_ok=True)
+    eval_log = Path(spec.metrics_dir or ".", "eval.jsonl")
+    if writing:  # one record per (re)start: who resumed from where, how it was sharded
         Path(spec.metrics_dir, f"attempt-{int(time.time() * 1000)}.json").write_text(json.dumps(
             {"world_size": world, "resumed_from_step": resumed_from, "consumed": consumed,
              "local_param_elements": shard_sizes, "full_param_elements": full}))
+        if step == 0:
+            eval_log.unlink(missing_ok=True)
 
+    def evaluate(at: int) -> dict[str, float]:
+        ev = _evaluate(model, val_src, w)
+        if writing:
+            with eval_log.open("a") as f:
+                f.write(json.dumps({"step": at, **ev}) + "\n")
+        return ev
+
+    if val_src is not None and step == 0:  # the "before" figure
+        evaluate(0)
     flops_per_token = args.flops_per_token(spec.seq_len)
-    tokens_per_step = cfg.batch_size * spec.seq_len
     last: dict[str, Any] = {}
-    model.train()
     while step < cfg.max_steps:
         step += 1
         if spec.fail_at_step and step == spec.fail_at_step and rank == world - 1 and spec.metrics_dir:
@@ -414,51 +528,47 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         for g in opt.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
+        sums: dict[str, Tensor] = {}
+        tokens = 0
         for a in range(accum):
-            loss = spec.loss_fn(model, train_src.micro_batch(consumed, a, device)) / accum
-            loss.backward()
-            loss_sum += loss.detach()
-        if cfg.grad_clip > 0:
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        else:
-            gn = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            batch = train_src.micro_batch(consumed, a, device)
+            tokens += obj.tokens(batch)
+            loss, stats = obj.loss(model, batch)
+            (loss / accum).backward()
+            _add(sums, {"loss": loss, **stats}, 1 / accum)
+        gn = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
         opt.step()
         opt.zero_grad(set_to_none=True)
         consumed += cfg.batch_size
-        dist.all_reduce(loss_sum)
-        loss_val = loss_sum.item() / world  # .item() waits for the GPU: dt covers the whole step
-        dt = time.perf_counter() - t0
-        tps = tokens_per_step / dt
-        row: dict[str, Any] = {"step": step, "loss": loss_val, "lr": lr, "grad_norm": float(gn), "tokens_per_s": tps,
-                               "mfu": tps * flops_per_token / (H100_BF16_PEAK * world) if device.type == "cuda"
-                               else None, "peak_mem_gb": _peak_mem_gb(device), "consumed": consumed,
-                               "world_size": world}
+        means = _rank_mean({**sums, "tokens": torch.tensor(tokens, dtype=torch.float64, device=device)}, world)
+        tps = means.pop("tokens") * world / (time.perf_counter() - t0)  # after _rank_mean: the step has finished
+        mfu = tps * flops_per_token / (H100_BF16_PEAK * world) if device.type == "cuda" else None
+        row: dict[str, Any] = {"step": step, "loss": means.pop("loss"), "lr": lr, "grad_norm": float(gn),
+                               "tokens_per_s": tps, "mfu": mfu, "peak_mem_gb": _peak_mem_gb(device),
+                               "consumed": consumed, "world_size": world, "trainable_params": trainable, **means}
         final = step == cfg.max_steps
-        if val_src is not None and cfg.eval_sequences and ((spec.eval_every and step % spec.eval_every == 0) or final):
-            vl = _evaluate(model, spec, val_src, device, rank, world)
-            row.update(val_loss=vl, val_ppl=math.exp(min(vl, 50)))
+        if val_src is not None and ((spec.eval_every and step % spec.eval_every == 0) or final):
+            row.update(evaluate(step))
         if step % spec.log_every == 0 or final or "val_loss" in row:
             writer.log(row)
         last = row
-        want_ckpt = (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end)
-        if want_ckpt:
+        reported = {k: v for k, v in row.items() if v is not None}
+        if (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end):
             state = {"step": step, "consumed": consumed, "world_size": world, "model": args.to_dict(),
-                     "data": train_src.state()}
+                     "objective": obj.name, "data": train_src.state()}
             with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as d:
                 checkpointing.save(d, model, opt, state, rank=rank)
-                session.report({k: v for k, v in row.items() if v is not None}, Path(d))
+                session.report(reported, Path(d))
         elif "val_loss" in row:
-            session.report({k: v for k, v in row.items() if v is not None}, None)
+            session.report(reported, None)
 
-    if spec.export_dir:
-        checkpointing.export_hf(model, args, spec.tokenizer_dir, spec.export_dir, rank=rank)
+    obj.export(model, w)
     writer.close()
-    result = {**last, "shard_sizes": shard_sizes, "full_params": full, "world_size": world,
-              "resumed_from_step": resumed_from}
-    if rank == 0 and spec.metrics_dir and last and spec.write_report:
-        write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": world,
-                                              "export_dir": spec.export_dir})
+    if writing and last and spec.write_report:
+        write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": world, "export_dir": spec.export_dir,
+                                              "trainable_params": trainable,
+                                              **{k: v for k, v in last.items() if k.startswith("val_")}})
     dist.barrier()
-    return result
+    return {**last, "shard_sizes": shard_sizes, "full_params": full, "world_size": world,
+            "resumed_from_step": resumed_from}

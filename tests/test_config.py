@@ -40,6 +40,16 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.tags == ["x", "y"] and cfg.out == Path("/tmp/o")
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads ``3e-4`` as a string; a float field must still take it, from a file or --set."""
+    p = tmp_path / "c.yaml"
+    p.write_text("inner: {lr: 1e-3}\n")
+    assert load_config(Outer, p).inner.lr == 1e-3
+    assert load_config(Outer, p, ["inner.lr=3E+2"]).inner.lr == 300.0
+    with pytest.raises(ConfigError, match="expected a number, got str '1e'"):
+        load_config(Outer, None, ["inner.lr=1e"])
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["inner.stepz=3"], r"Outer.inner: unknown field\(s\) \['stepz'\]"),
     (["inner.steps=three"], "Outer.inner.steps: expected an integer, got str 'three'"),

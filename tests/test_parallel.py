@@ -139,3 +139,23 @@ def test_check_resources_names_the_shortfall():
     with pytest.raises(ConfigError, match="cpus_per_worker"):
         check_resources(num_workers=3, use_gpu=False, cpus_per_worker=2, resources={"CPU": 4.0})
     check_resources(num_workers=2, use_gpu=False, cpus_per_worker=1, resources={"CPU": 2.0})
+
+
+def test_fractional_gpu_workers_share_a_card():
+    """scaling.gpus_per_worker < 1: an SFT worker and a rollout actor on one GPU (bench/smollm2_recipe.py)."""
+    from cluster.connect import check_resources
+    from jobs.pretrain import ScalingSettings
+
+    check_resources(num_workers=2, use_gpu=True, cpus_per_worker=1, gpus_per_worker=0.5,
+                    resources={"CPU": 4.0, "GPU": 1.0})
+    with pytest.raises(ConfigError, match="3 GPU worker.*gpus_per_worker=0.5.*has 1 GPU"):
+        check_resources(num_workers=3, use_gpu=True, cpus_per_worker=1, gpus_per_worker=0.5,
+                        resources={"CPU": 4.0, "GPU": 1.0})
+    s = ScalingSettings(num_workers=1, use_gpu=True, gpus_per_worker=0.5, cpus_per_worker=4)
+    assert s.resources_per_worker() == {"CPU": 4, "GPU": 0.5}
+    assert ScalingSettings(num_workers=1).resources_per_worker() == {"CPU": 1.0}
+    for bad, msg in (({"use_gpu": True, "gpus_per_worker": 0}, "fraction"),
+                     ({"use_gpu": True, "gpus_per_worker": 1.5}, "whole number"),
+                     ({"use_gpu": False, "gpus_per_worker": 0.5}, "needs scaling.use_gpu")):
+        with pytest.raises(ConfigError, match=msg):
+            ScalingSettings(**bad)

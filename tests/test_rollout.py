@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from actors.rollout import (PromptItem, ReferenceBatchEngine, RolloutParams, RolloutPool, VLLMBatchEngine,
-                            model_hash)
+                            model_hash, reference_device)
 from model.hf import load_hf, save_hf
 from model.llama import ModelArgs, build_model
 from model.sampler import SamplingParams, generate
@@ -102,6 +102,43 @@ def test_killed_actor_is_replaced_and_its_batch_retried(two_models, ray_local):
     assert pool.replaced == 1
     assert ray.get(pool.actors[0].pid.remote()) != pid
     pool.shutdown()
+
+
+def test_reference_engine_device_choice():
+    """auto: CUDA only where this process may use a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in a 0-GPU actor,
+    so inside an actor the GPUs Ray assigned decide (a fraction counts: ray.get_gpu_ids() lists the shared card).
+    Only a GPU machine runs the CUDA branch for real (bench/smollm2_recipe.py --gpu)."""
+    assert reference_device("auto", cuda_available=False, actor_gpu_ids=None) == "cpu"
+    assert reference_device("auto", cuda_available=False, actor_gpu_ids=[0]) == "cpu"
+    assert reference_device("auto", cuda_available=True, actor_gpu_ids=None) == "cuda"  # no Ray: a plain process
+    assert reference_device("auto", cuda_available=True, actor_gpu_ids=[]) == "cpu"  # actor with num_gpus=0
+    assert reference_device("auto", cuda_available=True, actor_gpu_ids=[0]) == "cuda"  # num_gpus=0.5 or 1
+    assert reference_device("cpu", cuda_available=True, actor_gpu_ids=[0]) == "cpu"
+    assert reference_device("cuda:1", cuda_available=False, actor_gpu_ids=None) == "cuda:1"
+
+
+def test_reference_engine_options_on_cpu(two_models, ray_local):
+    """device/dtype options: the engine sits on the device it reports, in the dtype asked for (fp32 by default), in
+    and out of an actor; weights loaded later keep both; the same seed gives the same candidates."""
+    import torch
+
+    a, b = two_models
+    eng = ReferenceBatchEngine(a)  # auto, outside Ray: CPU here
+    assert eng.device.type == "cpu" and eng.model.output.weight.dtype == torch.float32
+    probe = [[3, 4, 5, 6], [7, 8]]
+    params = RolloutParams(n=2, max_tokens=6, temperature=1.0, ignore_eos=True)
+    first = eng.generate(probe, params)
+    assert [[c.token_ids for c in r] for r in first] == [[c.token_ids for c in r] for r in eng.generate(probe, params)]
+    bf = ReferenceBatchEngine(a, device="cpu", dtype="bfloat16")
+    assert bf.model.output.weight.dtype == torch.bfloat16 and bf.device.type == "cpu"
+    assert all(len(c.token_ids) == 6 for r in bf.generate(probe, params) for c in r)
+    bf.load_weights(b)
+    assert bf.model.output.weight.dtype == torch.bfloat16
+    pool = RolloutPool(a, num_actors=1, engine_cls=ReferenceBatchEngine, engine_opts={"seed": 0})  # num_gpus=0
+    try:
+        assert pool.health()[0].detail == "device=cpu"
+    finally:
+        pool.shutdown()
 
 
 def test_pool_rejects_nonsense():

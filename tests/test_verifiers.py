@@ -27,6 +27,26 @@ def test_numeric_and_match_verifiers():
     assert "bad reference pattern" in MatchVerifier(regex=True)("x", "(").reason
 
 
+@pytest.mark.parametrize(("answer", "reference", "passed", "reason"), [
+    ("9 - 4 = 5. The answer is 5.", "5", True, "match"),
+    ("8 - 2 = 3. The answer is 5.", "5", False, "right answer, wrong work: '8 - 2 = 3'"),  # from a real RS round
+    ("2 + 3 + 4 = 9, so 9", "9", True, "match"),          # chained
+    ("2 * 3 + 1 = 7 → 7", "7", True, "match"),            # precedence
+    ("5 - -3 = 8. The answer is 8.", "8", True, "match"),  # negative operand
+    ("3 × 4 = 12. The answer is 12.", "12", True, "match"),
+    ("10 / 0 = 1, so 1", "1", False, "right answer, wrong work: '10 / 0 = 1'"),
+    ("The answer is 12.", "12", True, "match"),            # no written work: the final answer decides
+    ("3 + 4 = 7. The answer is 7.", "12", False, "got 7, want 12"),
+])
+def test_numeric_verifier_can_check_the_written_work(answer, reference, passed, reason):
+    verdict = NumericVerifier(check_work=True)(answer, reference)
+    assert (verdict.passed, verdict.reason) == (passed, reason)
+
+
+def test_numeric_verifier_checks_only_the_final_answer_by_default():
+    assert NumericVerifier()("8 - 2 = 3. The answer is 5.", "5").passed  # held-out accuracy = final answer
+
+
 def test_code_verifier_passes_and_fails():
     cv = CodeVerifier(time_limit_s=10)
     good = "```python\ndef add(a, b):\n    return a + b\n```"
