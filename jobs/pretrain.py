@@ -7,14 +7,20 @@ Runbook::
     ray job submit --working-dir . -- python -m jobs.pretrain --config llama-1b --set scaling.num_workers=8
 
 What happens: config checks (sequence length vs context, corpus paths, empty corpus, batch divisibility, GPUs/CPUs
-in the cluster) — all before any worker starts; then the corpus is cleaned, tokenized and packed on the driver
-(corpus.pipeline.prepare, reused when unchanged) into ``<storage>/<name>/data``; then ``scaling.num_workers`` Ray
-Train workers run jobs/train_loop.py. Outputs under ``<storage>/<name>/``: DCP checkpoints ``checkpoint_*``
+in the cluster) — all before any worker starts; then the corpus is cleaned, tokenized and packed (EOS between
+documents) by Ray Data into parquet shards under ``<storage>/<name>/data`` (corpus.pipeline.prepare, reused when
+unchanged); then ``scaling.num_workers`` Ray Train workers run jobs/train_loop.py. The training split reaches them
+as a Ray Dataset (read shard by shard, ``train_dataset``) through ``ray.train.get_dataset_shard``: the streaming split deals blocks out,
+no worker reads the whole split (jobs/data_stream.py); the small validation split is read by idx (ParquetRows).
+Outputs under ``<storage>/<name>/``: DCP checkpoints ``checkpoint_*``
 (Ray Train keeps ``run.keep_checkpoints``), ``metrics/`` (metrics.csv, TensorBoard events, report.md, loss.png),
 ``hf/`` (HF Llama export that vLLM/transformers load).
 
 Resume: a worker death restarts the worker group from the latest checkpoint (``run.max_failures`` times); a dead
 driver is resumed by rerunning the same command (same ``run.name`` and ``run.storage``), on any number of workers.
+The data position comes back too: the checkpoint stores which rows of the epoch are done and the restarted workers
+skip them, so only the steps after the checkpoint are repeated; an epoch may drop its last < batch_size rows (plus
+N mod workers rows that Ray's equal split leaves out).
 Leaves out: multi-node shared storage for the prepared data (``run.storage`` must be visible to every worker:
 local disk on one machine, NFS on a cluster), tensor/pipeline parallelism, sequence packing masks (documents are
 packed back to back, separated by EOS, attending across boundaries like GPT-2/LLaMA pretraining).
@@ -23,6 +29,7 @@ packed back to back, separated by EOS, attending across boundaries like GPT-2/LL
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sys
 import threading
@@ -32,6 +39,7 @@ from typing import Any
 
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
+from jobs.data_stream import StreamRows
 from jobs.train_loop import LoopSpec, ParquetRows, RaySession, TrainConfig, fused_lm_loss, run_worker
 from model.llama import ConfigError, ModelArgs
 
@@ -60,6 +68,8 @@ class RunSettings:
     """Fault injection for tests: the last worker SIGKILLs itself once at this step (0 = never)."""
     progress: bool = True
     """Show a tqdm progress bar on the driver."""
+    record_consumed: bool = False
+    """Test hook: every worker appends the idx of the rows of each step to <run>/metrics/consumed-*.jsonl."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -166,18 +176,45 @@ def _make_source(path: str):
     return lambda: ParquetRows(path)
 
 
-def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings) -> Any:
+def _read_shard(batch: dict[str, Any]) -> Any:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(str(batch["path"][0]), columns=["idx", "tokens"])
+
+
+def train_dataset(train_dir: str | Path) -> Any:
+    """The packed training split as a Ray Dataset of rows {idx, tokens}: one block per parquet shard, in file order.
+
+    Read by zero-CPU tasks over the file list rather than ``ray.data.read_parquet``: the Train workers may hold every
+    CPU (2 workers × 1 CPU on 2 cores), and read_parquet's file-listing stage asks for a whole CPU, so it would never
+    be scheduled ("Cluster resources are not enough to run any task from ReadFilesParquetV2"); reading a shard is
+    light I/O."""
+    import ray.data
+
+    from corpus.pipeline import shard_files
+
+    files = ray.data.from_items([{"path": f} for f in shard_files(Path(train_dir))])
+    return files.map_batches(_read_shard, batch_size=1, num_cpus=0)
+
+
+def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
+               datasets: dict[str, Any] | None = None) -> Any:
     """``run_worker(spec)`` on Ray Train workers with the run's failure/checkpoint settings and a driver progress
     bar, labelled with the job (``spec.objective.name``), that follows rank 0's metrics.csv (Ray Train callbacks run
-    in the controller, not here); returns the Ray Train Result. Shared by pretrain, SFT and DPO."""
+    in the controller, not here); returns the Ray Train Result. Shared by pretrain, SFT and DPO. ``datasets`` (Ray
+    Datasets by name) are each split across the workers in order (``ray.train.get_dataset_shard(name)``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from corpus.pipeline import ordered_execution_options
     from jobs.metrics import CsvProgress, read_csv
 
     rd = Path(run.storage).resolve() / run.name
+    # Ray Train replaces each dataset's execution options with these; preserve_order keeps the split deterministic
+    data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ordered_execution_options()
+                                       ) if datasets else None
     trainer = TorchTrainer(
-        _train_fn, train_loop_config={"spec": spec},
+        _train_fn, train_loop_config={"spec": spec}, datasets=datasets, dataset_config=data_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=scaling.resources_per_worker()),
         run_config=ray.train.RunConfig(
@@ -214,19 +251,24 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) the whole job; returns the final metrics and where things are."""
     preflight(cfg)
     prepared, tok_dir = prepare_data(cfg)
+    if prepared.num_train < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is above the {prepared.num_train} training "
+                          f"sequences the corpus packs into")
     rd = run_dir(cfg)
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     spec = LoopSpec(
         model_args=cfg.model, train=cfg.train, seq_len=prepared.seq_len,
-        make_train_source=_make_source(str(prepared.train_dir)),
+        make_train_source=functools.partial(
+            StreamRows, cfg.train.micro_batch_size, cfg.train.batch_size, num_rows=prepared.num_train,
+            record_dir=str(rd / "metrics") if cfg.run.record_consumed else None),
         make_val_source=_make_source(str(prepared.val_dir)) if prepared.num_val else None,
         metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
         export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
         fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
         extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
                       "seq_len": prepared.seq_len})
-    result = fit_on_ray(spec, cfg.run, cfg.scaling)
+    result = fit_on_ray(spec, cfg.run, cfg.scaling, datasets={"train": train_dataset(prepared.train_dir)})
     return {"run_dir": str(rd), "metrics": result.metrics,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,

@@ -10,10 +10,12 @@ owns optimizer, schedule, accumulation, clipping, data position, metrics, evalua
 Decisions:
 - Batch size is GLOBAL (sequences per optimizer step); gradient accumulation = batch_size / (micro × world), so the
   optimisation is the same on any number of workers and a run can resume on another world size.
-- Data position = number of sequences consumed (global), stored in the checkpoint. Step s reads rows
-  consumed .. consumed + batch_size - 1 (mod the split size, i.e. epochs wrap), micro-batch a of rank r taking
-  rows consumed + (a·world + r)·micro + [0, micro). Rows are addressed by their ``idx`` directly, so a resume — on
-  any world size — neither repeats nor skips a sequence (stronger than the one-step tolerance asked for).
+- Data position, stored in the checkpoint: ``consumed`` (sequences, global) plus the source's own ``state()``.
+  An idx-addressed source (SFT/DPO rows, benchmarks) needs only ``consumed``: step s reads rows consumed ..
+  consumed + batch_size - 1 (mod the split size, i.e. epochs wrap), micro-batch a of rank r taking rows
+  consumed + (a·world + r)·micro + [0, micro). Pretraining streams its rows through ``ray.train.get_dataset_shard``
+  (jobs/data_stream.StreamRows: the checkpoint holds the set of rows done in the epoch). Either way a resume — on
+  any world size — repeats only the steps after the checkpoint (jobs/data_stream.py says what an epoch can drop).
 - Weight decay on the attention/MLP matrices (and an untied output head); none on RMSNorm gains and the token
   embedding (with tied embeddings that is also the head): decaying embedding rows of rare tokens only shrinks them.
 - AdamW (fused on CUDA), linear warm-up then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm;
@@ -455,6 +457,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     from torch.distributed.device_mesh import init_device_mesh
 
     from jobs import checkpointing
+    from jobs.data_stream import as_train_source
     from jobs.metrics import MetricsWriter, write_report
     from jobs.parallel import apply_fsdp, init_process_group_if_needed, local_param_count
     from model.tokenizer import load_tokenizer
@@ -480,11 +483,13 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
                             fused=device.type == "cuda")
 
     step, consumed, resumed_from = 0, 0, None
+    state: dict[str, Any] | None = None  # the checkpoint's train state, when resuming
     with session.restore() as ckpt_dir:
         if ckpt_dir is not None:
             state = checkpointing.load(ckpt_dir, model, opt)
             step, consumed, resumed_from = int(state["step"]), int(state["consumed"]), int(state["step"])
-    train_src = spec.make_train_source()
+    train_src = as_train_source(spec.make_train_source(), rank, world, cfg.micro_batch_size)
+    train_src.restore(state)
     val_src = spec.make_val_source() if spec.make_val_source else None
     writing = rank == 0 and spec.metrics_dir is not None
     writer = MetricsWriter(spec.metrics_dir or ".", enabled=writing, resume_step=step)
@@ -526,7 +531,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         sums: dict[str, Tensor] = {}
         tokens = 0
         for a in range(accum):
-            batch = train_src.batch(micro_batch_indices(consumed, a, rank, world, cfg.micro_batch_size), device)
+            batch = train_src.micro_batch(consumed, a, device)
             tokens += obj.tokens(batch)
             loss, stats = obj.loss(model, batch)
             (loss / accum).backward()
@@ -551,7 +556,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         reported = {k: v for k, v in row.items() if v is not None}
         if (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end):
             state = {"step": step, "consumed": consumed, "world_size": world, "model": args.to_dict(),
-                     "objective": obj.name}
+                     "objective": obj.name, "data": train_src.state()}
             with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as d:
                 checkpointing.save(d, model, opt, state, rank=rank)
                 session.report(reported, Path(d))

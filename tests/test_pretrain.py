@@ -3,6 +3,8 @@
 One trained run is shared by most tests (module fixture); it is also the worker-kill run: the last worker SIGKILLs
 itself once at step 15 (run.fail_at_step), after the step-10 checkpoint, and Ray Train restarts the group from it.
 A second run is started as a subprocess, its driver killed after the first checkpoint, and rerun with ONE worker.
+Both record the rows every worker trains on (run.record_consumed) and cross an epoch boundary of the streamed
+training split: the data position must resume exactly (``assert_data_exact``).
 What only a GPU exercises (NCCL, bf16, torch.compile, the compiled fused loss): bench/pretrain_mfu.py.
 """
 
@@ -52,15 +54,45 @@ def attempts(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "metrics").glob("attempt-*.json"))]
 
 
+def assert_data_exact(run: Path, batch_size: int, steps: int) -> dict[int, list[int]]:
+    """Rows per epoch of the final timeline — each step as trained by the last worker group that ran it (a restarted
+    group replays the steps after its checkpoint) — checked: every step trains on batch_size rows, no row twice in an
+    epoch, and every completed epoch misses fewer than one step's worth (+ the N mod workers rows that Ray's equal
+    split leaves out)."""
+    num_rows = json.loads((run / "data" / "stats.json").read_text())["train_sequences"]
+    records = [json.loads(ln) for p in (run / "metrics").glob("consumed-*.jsonl") for ln in p.read_text().splitlines()]
+    by_step: dict[int, list[dict]] = {}
+    for r in records:
+        by_step.setdefault(r["step"], []).append(r)
+    assert sorted(by_step) == list(range(1, steps + 1))
+    epochs: dict[int, list[int]] = {}
+    for step in sorted(by_step):
+        last = max(r["attempt"] for r in by_step[step])
+        rs = [r for r in by_step[step] if r["attempt"] == last]
+        assert sorted(r["rank"] for r in rs) == list(range(rs[0]["world"])), (step, rs)
+        assert len({r["epoch"] for r in rs}) == 1
+        epochs.setdefault(rs[0]["epoch"], []).extend(i for r in rs for i in r["idx"])
+        assert sum(len(r["idx"]) for r in rs) == batch_size
+    assert sorted(epochs) == list(range(len(epochs)))
+    worlds = max(r["world"] for r in records)
+    for e, idx in epochs.items():
+        assert len(idx) == len(set(idx)), f"epoch {e}: a row trained on twice"
+        assert set(idx) <= set(range(num_rows))
+        if e < max(epochs):
+            assert num_rows - len(idx) < batch_size + worlds, f"epoch {e}: {num_rows - len(idx)} rows skipped"
+    return epochs
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return make_corpus(tmp_path_factory.mktemp("corpus") / "story.txt")
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "story.txt", docs=100)  # ~180 rows: runs cross epochs
 
 
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(PretrainConfig, "tiny", overrides(corpus, storage, "shared", **{"run.fail_at_step": 15}))
+    cfg = load_config(PretrainConfig, "tiny", overrides(corpus, storage, "shared", **{"run.fail_at_step": 15,
+                                                                                      "run.record_consumed": True}))
     out = pretrain(cfg)
     return cfg, Path(out["run_dir"]), out
 
@@ -95,6 +127,8 @@ def test_killed_worker_resumes_from_checkpoint_with_continuous_steps(trained):
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
     assert [int(r["consumed"]) for r in rows] == [s * cfg.train.batch_size for s in range(1, 31)]
     assert out["metrics"]["step"] == 30
+    epochs = assert_data_exact(run, cfg.train.batch_size, 30)
+    assert len(epochs) >= 2, "the run must complete an epoch after the kill"
 
 
 def test_metrics_tensorboard_and_report(trained):
@@ -128,7 +162,8 @@ def test_export_loads_in_vllm_and_generates(trained):
 
 
 def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
-    args = overrides(corpus, tmp_path, "driver", **{"train.max_steps": 60, "run.ckpt_every": 5, "run.export": False})
+    args = overrides(corpus, tmp_path, "driver", **{"train.max_steps": 60, "run.ckpt_every": 5, "run.export": False,
+                                                    "run.record_consumed": True})
     cmd = [sys.executable, "-m", "jobs.pretrain", "--config", "tiny"] + [a for kv in args for a in ("--set", kv)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -155,6 +190,7 @@ def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
     rows = read_csv(run / "metrics" / "metrics.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, 61))
     assert rows[-1]["world_size"] == "1" and out["metrics"]["step"] == 60
+    assert len(assert_data_exact(run, cfg.train.batch_size, 60)) >= 2  # 2 workers, then 1, across an epoch
 
 
 @pytest.mark.parametrize("case,extra,message", [
