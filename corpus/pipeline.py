@@ -617,19 +617,12 @@ def load_split(split_dir: Path) -> Any:
     """The split as a ``ray.data.Dataset`` of rows {idx, tokens}, in idx order (preserve_order is set on it).
 
     Ray Train REPLACES a dataset's execution options with the driver's global ones (ray/train/_internal/
-    data_config.py: ``ds.context.execution_options = …``), dropping preserve_order; keep the order in training with
-    ``ray.train.DataConfig(execution_options=ordered_execution_options())``.
+    data_config.py: ``ds.context.execution_options = …``), dropping preserve_order; jobs/pretrain.fit_on_ray keeps
+    the order in training with ``ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))``.
     """
     import ray.data
 
     return _ordered(ray.data.read_parquet(shard_files(split_dir)))
-
-
-def ordered_execution_options() -> Any:
-    """``ray.data.ExecutionOptions`` with preserve_order=True, for ``ray.train.DataConfig(execution_options=…)``."""
-    from ray.data import ExecutionOptions
-
-    return ExecutionOptions(preserve_order=True)
 
 
 def unigram_entropy(split_dir: Path) -> float:

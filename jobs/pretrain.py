@@ -204,15 +204,15 @@ def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
     in the controller, not here); returns the Ray Train Result. Shared by pretrain, SFT and DPO. ``datasets`` (Ray
     Datasets by name) are each split across the workers in order (``ray.train.get_dataset_shard(name)``)."""
     import ray.train
+    from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from corpus.pipeline import ordered_execution_options
     from jobs.metrics import CsvProgress, read_csv
 
     rd = Path(run.storage).resolve() / run.name
     # Ray Train replaces each dataset's execution options with these; preserve_order keeps the split deterministic
-    data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ordered_execution_options()
-                                       ) if datasets else None
+    data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ExecutionOptions(
+        preserve_order=True)) if datasets else None
     trainer = TorchTrainer(
         _train_fn, train_loop_config={"spec": spec}, datasets=datasets, dataset_config=data_config,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
