@@ -38,6 +38,7 @@ Leaves out: evaluation (off), export (off), torch.compile (the job's default: of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import random
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,20 +63,33 @@ PRESETS = {
 
 
 class Emitter:
-    """Prints one JSON line per finished stage and appends it to <out>/results.jsonl."""
+    """Prints one JSON line per finished stage and appends it to <out>/results.jsonl (thread-safe), so a run cut
+    off by a time limit still leaves its figures. Shared by bench/sft.py and bench/smollm2_recipe.py."""
 
-    def __init__(self, out: Path | None) -> None:
-        self.path = None
+    def __init__(self, out: Path | None, base: dict) -> None:
+        self.base, self.lock, self.path = base, threading.Lock(), None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             self.path = out / "results.jsonl"
 
-    def __call__(self, record: dict) -> None:
-        line = json.dumps(record)
-        print(line, flush=True)
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(line + "\n")
+    def __call__(self, stage: str, **fields) -> None:
+        line = json.dumps({**self.base, "stage": stage, **fields})
+        with self.lock:
+            print(line, flush=True)
+            if self.path is not None:
+                with self.path.open("a") as f:
+                    f.write(line + "\n")
+
+
+@contextlib.contextmanager
+def scratch_dir(keep: Path | None, prefix: str) -> Iterator[Path]:
+    """``keep`` (created, left in place) or a temporary directory removed at the end."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
 
 
 class GpuMemPoller:
@@ -305,33 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     a.chat_tokens = tuple(int(x) for x in a.chat_tokens.split(",")) if a.chat_tokens else p["chat_tokens"]
     if a.cpus_per_worker is None:
         a.cpus_per_worker = 8.0 if a.gpu else 1.0
-    emit = Emitter(a.out)
-
     from jobs.sft_data import write_jsonl
     from model.tokenizer import SentencePieceTokenizer
     from tasks.arithmetic import problems
 
     t_start = time.time()
-    tmp = None
-    if a.keep:
-        d = a.keep
-        d.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-sft-")
-        d = Path(tmp.name)
-    try:
+    emit = Emitter(a.out, {"bench": "sft", "preset": a.preset, "device": (gpu_name() or "cuda") if a.gpu else "cpu",
+                           "machine": platform.node(), "workers": a.workers, "steps": a.steps, "batch": a.batch,
+                           "micro": a.micro, "skip": a.skip})
+    with scratch_dir(a.keep, "bench-sft-") as d:
         text = d / "text.txt"
         text.write_text("\n".join(p.prompt + " " + p.solution for p in problems(2000, seed=0)))
         tok = SentencePieceTokenizer.train([text], d / "tok", vocab_size=1000)
         rows = make_rows(a.rows, a.chat_tokens, tok)
         lens = sorted(len(tok.render_chat(r["messages"])[0]) for r in rows)
         data = write_jsonl(rows, d / "train.jsonl")
-        base = {"bench": "sft", "preset": a.preset, "device": (gpu_name() or "cuda") if a.gpu else "cpu",
-                "machine": platform.node(), "workers": a.workers, "steps": a.steps, "batch": a.batch,
-                "micro": a.micro, "skip": a.skip}
-        emit({**base, "stage": "data", "rows": len(rows), "row_tokens_min": lens[0],
-              "row_tokens_median": lens[len(lens) // 2], "row_tokens_max": lens[-1],
-              "prep_s": round(time.time() - t_start, 1)})
+        emit("data", rows=len(rows), row_tokens_min=lens[0], row_tokens_median=lens[len(lens) // 2],
+             row_tokens_max=lens[-1], prep_s=round(time.time() - t_start, 1))
         results = {}
         for mode in a.modes.split(","):
             if mode not in ("full", "lora"):
@@ -341,22 +346,16 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results[name] = run_mode(name, d, d / "tok", data, a, lora=mode == "lora")
             except Exception as e:  # noqa: BLE001 — one failed mode (e.g. out of memory) must not cost the other
-                emit({**base, "stage": name, "error": f"{type(e).__name__}: {str(e)[-2000:]}",
-                      "wall_s": round(time.time() - t_mode, 1)})
+                emit(name, error=f"{type(e).__name__}: {str(e)[-2000:]}", wall_s=round(time.time() - t_mode, 1))
                 shutil.rmtree(d / name, ignore_errors=True)
                 continue
-            emit({**base, "stage": name, **results[name]})
-        summary = {**base, "stage": "summary", **{k: v for k, v in results.items()},
-                   "total_s": round(time.time() - t_start, 1)}
+            emit(name, **results[name])
+        summary = {**results, "total_s": round(time.time() - t_start, 1)}
         if "full" in results and f"lora_r{a.rank}" in results:
             lora_tps, full_tps = results[f"lora_r{a.rank}"]["tokens_per_s"], results["full"]["tokens_per_s"]
             summary["lora_speedup"] = round(lora_tps / full_tps, 3)
-        emit(summary)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        emit("summary", **summary)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -49,26 +49,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.sft import Emitter, scratch_dir  # noqa: E402
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHTS = "model.safetensors"
-
-
-class Emitter:
-    """Prints one JSON line per finished stage and appends it to <out>/results.jsonl (thread-safe)."""
-
-    def __init__(self, out: Path | None, base: dict) -> None:
-        self.base, self.lock, self.path = base, threading.Lock(), None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            self.path = out / "results.jsonl"
-
-    def __call__(self, stage: str, **fields) -> None:
-        line = json.dumps({**self.base, "stage": stage, **fields})
-        with self.lock:
-            print(line, flush=True)
-            if self.path is not None:
-                with self.path.open("a") as f:
-                    f.write(line + "\n")
 
 
 def packaged_gguf() -> Path | None:
@@ -314,17 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         a.lr = 2e-4 if a.lora_rank else 1e-5
 
     t0 = time.time()
-    tmp = None
-    if a.work:
-        work = a.work
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="recipe-")
-        work = Path(tmp.name)
     base = {"bench": "smollm2_recipe", "device": "gpu" if a.gpu else "cpu", "machine": platform.node(),
             "smoke": a.smoke}
     emit = Emitter(a.out, base)
-    try:
+    with scratch_dir(a.work, "recipe-") as work:
         # ---- the policy
         if len(gguf_parts) == 1:
             gguf = gguf_parts[0]
@@ -390,9 +367,6 @@ def main(argv: list[str] | None = None) -> int:
              start_pass_at_k=f.get("rs-round-1", {}).get(f"pass_at_{a.k}"),
              sft_rows_per_round=[r["sft_rows"] for r in state["rounds"]],
              rounds_s=round(time.time() - t_rounds, 1), total_s=round(time.time() - t0, 1))
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return 0
 
 
