@@ -57,8 +57,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.train_loop import (H100_BF16_PEAK, LoopSpec, SyntheticRows, TrainConfig, causal_lm_loss,  # noqa: E402
-                             fused_lm_loss)
+from jobs.train_loop import (H100_BF16_PEAK, LoopSpec, PretrainObjective, SyntheticRows, TrainConfig,  # noqa: E402
+                             causal_lm_loss, fused_lm_loss)
 from model.llama import ModelArgs  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def make_spec(a: argparse.Namespace, world: int, metrics_dir: str) -> LoopSpec:
     seq, vocab = a.seq, args.vocab_size
     return LoopSpec(model_args=args, train=cfg, seq_len=seq,
                     make_train_source=lambda: SyntheticRows(10**9, seq, vocab), metrics_dir=metrics_dir,
-                    loss_fn=fused_lm_loss if a.loss == "fused" else causal_lm_loss,
+                    objective=PretrainObjective(fused_lm_loss if a.loss == "fused" else causal_lm_loss),
                     ckpt_at_end=False, write_report=False)
 
 

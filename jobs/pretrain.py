@@ -40,7 +40,8 @@ from typing import Any
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
 from jobs.data_stream import StreamRows
-from jobs.train_loop import LoopSpec, ParquetRows, RaySession, TrainConfig, fused_lm_loss, run_worker
+from jobs.train_loop import (LoopSpec, ParquetRows, PretrainObjective, RaySession, TrainConfig, fused_lm_loss,
+                             run_worker)
 from model.llama import ConfigError, ModelArgs
 
 
@@ -265,7 +266,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         make_val_source=_make_source(str(prepared.val_dir)) if prepared.num_val else None,
         metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every,
         export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
-        fail_at_step=cfg.run.fail_at_step, loss_fn=fused_lm_loss,
+        fail_at_step=cfg.run.fail_at_step, objective=PretrainObjective(fused_lm_loss),
         extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
                       "seq_len": prepared.seq_len})
     result = fit_on_ray(spec, cfg.run, cfg.scaling, datasets={"train": train_dataset(prepared.train_dir)})

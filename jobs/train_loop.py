@@ -364,10 +364,8 @@ class LoopSpec:
     """Called on the worker: returns the training RowSource."""
     make_val_source: Callable[[], RowSource] | None = None
     """Called on the worker: returns the validation RowSource, or None for no validation."""
-    objective: Objective | None = None
-    """What is trained and how (jobs/sft.FinetuneObjective for SFT and DPO); None: PretrainObjective(loss_fn)."""
-    loss_fn: Callable[[nn.Module, Tensor], Tensor] = causal_lm_loss
-    """The pretraining loss, used when ``objective`` is None."""
+    objective: Objective = field(default_factory=PretrainObjective)
+    """What is trained and how: PretrainObjective(loss_fn), or jobs/sft.FinetuneObjective for SFT and DPO."""
     seq_len: int = 256
     """Tokens per sequence, for the attention FLOPs of MFU (fine-tuning: the longest row allowed)."""
     metrics_dir: str | None = None
@@ -390,10 +388,6 @@ class LoopSpec:
     """Rank 0 writes report.md + loss.png at the end (needs matplotlib)."""
     extra_report: dict[str, Any] = field(default_factory=dict)
     """More entries for report.json / report.md."""
-
-    def __post_init__(self) -> None:
-        if self.objective is None:
-            self.objective = PretrainObjective(self.loss_fn)
 
 
 @dataclass
