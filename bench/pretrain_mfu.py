@@ -35,6 +35,11 @@ ran together on one more nvidia-h100-x1 (Ray overhead there: -0.4 %, i.e. noise)
 Rerun 2026-11-26 after pretrain/SFT/DPO were merged into one loop (jobs/train_loop.Objective), Ray Train, 1 H100,
 micro 16, steps 9-20: 65 957 tokens/s, 44.3 % MFU (54.8 % with head), 64.8 GB — within 2 % of the row above.
 
+Rerun 2026-11-26 (third session), one nvidia-h100-x1 machine, micro 16, steps 9-22: Ray Train 66 138 tokens/s,
+44.4 % (55.0 % with head), torchrun 66 522 (44.7 %), Ray overhead 0.58 %; bench/mfu_ceiling.py on the same machine:
+the step's GEMMs + attention alone take 399.6 ms = 82.0 k tokens/s = 55.1 % — the ceiling with every other kernel
+free. bench/README.md has the table and the profile (--profile) of where the other ~95 ms go.
+
 Why 55 % is out of reach for this preset by the prescribed formula: N leaves out the 262 M-parameter embedding, and
 because llama-1b ties it to the output head, that also drops the head's matmul (6·V·d = 1.58 GFLOP per token, 24 %
 of the counted 6.64) although the GPU executes it. 55 % by the formula needs 81.9 k tokens/s, i.e. 68 % of the H100's
@@ -152,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--ac", action="store_true", help="activation checkpointing")
     ap.add_argument("--loss", choices=["fused", "plain"], default="fused",
                     help="fused: head + cross-entropy compiled together; plain: Transformer.forward's fp32 logits")
+    ap.add_argument("--profile", metavar="FILE", help="torchrun only: write the run's CUDA kernels by total time "
+                    "(torch.profiler, every step including compile) to FILE")
     ap.add_argument("--worker", metavar="METRICS_DIR", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -161,7 +168,16 @@ def main() -> int:
 
     if a.worker:  # inside torchrun
         from jobs.train_loop import LocalSession, run_worker
-        run_worker(make_spec(a, int(os.environ["WORLD_SIZE"]), a.worker), LocalSession())
+        spec = make_spec(a, int(os.environ["WORLD_SIZE"]), a.worker)
+        if not a.profile:
+            run_worker(spec, LocalSession())
+            return 0
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            run_worker(spec, LocalSession())
+        if int(os.environ.get("RANK", 0)) == 0:
+            Path(a.profile).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                                                 max_name_column_width=90))
         return 0
 
     import torch
