@@ -145,15 +145,21 @@ def _train_fn(config: dict[str, Any]) -> None:
     run_worker(config["spec"], RaySession())
 
 
+def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
+    """Connect to the run's cluster and check it can place the workers (pretrain, SFT and DPO preflight)."""
+    from cluster.connect import check_resources, connect
+
+    connect(run.address or None)
+    check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
+                    gpus_per_worker=scaling.gpus_per_worker)
+
+
 def preflight(cfg: PretrainConfig) -> None:
     """Every check that starts no worker: corpus paths, empty corpus, sequence length, cluster resources."""
-    from cluster.connect import check_resources, connect
     from corpus.pipeline import validate
 
     validate(cfg.data, max_seq_len=cfg.model.max_seq_len)
-    connect(cfg.run.address or None)
-    check_resources(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                    cpus_per_worker=cfg.scaling.cpus_per_worker, gpus_per_worker=cfg.scaling.gpus_per_worker)
+    check_cluster(cfg.run, cfg.scaling)
 
 
 def prepare_data(cfg: PretrainConfig) -> tuple[Any, str]:

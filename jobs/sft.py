@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from jobs.config import job_arg_parser, load_config, to_dict
-from jobs.pretrain import RunSettings, ScalingSettings, fit_on_ray
+from jobs.pretrain import RunSettings, ScalingSettings, check_cluster, fit_on_ray
 from jobs.train_loop import LoopSpec, TrainConfig, Worker
 from model.llama import ConfigError, ModelArgs
 from model.lora import LoraConfig
@@ -374,14 +374,6 @@ def split_rows(train_file: str, val_file: str, fraction: float, seed: int) -> tu
     random.Random(seed).shuffle(order)
     n_val = int(round(len(train) * fraction))
     return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
-
-
-def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
-    from cluster.connect import check_resources, connect
-
-    connect(run.address or None)
-    check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
-                    gpus_per_worker=scaling.gpus_per_worker)
 
 
 def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[int]], list[str]]:
