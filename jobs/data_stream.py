@@ -155,7 +155,8 @@ class _Rows:
         return _Rows(self.idx[positions], self.tokens[positions])
 
 
-def _from_arrow(table: Any) -> _Rows:
+def rows_from_arrow(table: Any) -> _Rows:
+    """Rows of a pyarrow table {idx, tokens} (a packed split's parquet shard, or a slice of one)."""
     idx = table.column("idx").to_numpy().astype(np.int64)
     if not len(idx):
         return _Rows()
@@ -262,7 +263,7 @@ class StreamRows:
         if batch is None:
             self._exhausted = True
             return False
-        rows = _from_arrow(batch)
+        rows = rows_from_arrow(batch)
         if len(self.done):
             rows = rows.select(~self.done.contains(rows.idx))
         self._buf = _Rows.concat([self._buf, rows])

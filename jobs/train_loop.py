@@ -167,17 +167,16 @@ class ParquetRows:
         if i not in self._cache:
             import pyarrow.parquet as pq
 
-            t = pq.read_table(self.files[i], columns=["idx", "tokens"])
-            idx = t.column("idx").to_numpy()
+            from jobs.data_stream import rows_from_arrow
+
+            rows = rows_from_arrow(pq.read_table(self.files[i], columns=["idx", "tokens"]))
+            idx = rows.idx
             if len(idx) and (idx[0] != self.starts[i] or idx[-1] != self.starts[i + 1] - 1):
                 raise ValueError(f"{self.files[i]}: idx {idx[0]}..{idx[-1]} does not continue the previous shards "
                                  f"(expected {self.starts[i]}..{self.starts[i + 1] - 1})")
-            tok = t.column("tokens").combine_chunks()
-            width = len(tok[0]) if len(tok) else 0
-            rows = tok.values.to_numpy(zero_copy_only=False).astype(np.int64).reshape(len(tok), width)
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[i] = rows
+            self._cache[i] = rows.tokens.astype(np.int64)
         return self._cache[i]
 
     def rows(self, indices: np.ndarray) -> np.ndarray:
