@@ -92,12 +92,37 @@ def scratch_dir(keep: Path | None, prefix: str) -> Iterator[Path]:
         yield Path(tmp)
 
 
-class GpuMemPoller:
+class _Poller:
+    """Calls ``poll()`` at once and then every ``every_s`` seconds on a daemon thread, inside a ``with`` block."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            self.poll()
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+class GpuMemPoller(_Poller):
     """Highest ``memory.used`` nvidia-smi reports for the card while running (MiB → GB); None without nvidia-smi."""
 
     def __init__(self, every_s: float = 0.5) -> None:
-        self.every_s, self.max_mib, self._stop = every_s, None, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(every_s)
+        self.max_mib: float | None = None
 
     @staticmethod
     def read() -> float | None:
@@ -108,36 +133,26 @@ class GpuMemPoller:
         except (OSError, ValueError, subprocess.SubprocessError):
             return None
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            v = self.read()
-            if v is not None:
-                self.max_mib = v if self.max_mib is None else max(self.max_mib, v)
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> "GpuMemPoller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
+    def poll(self) -> None:
+        v = self.read()
+        if v is not None:
+            self.max_mib = v if self.max_mib is None else max(self.max_mib, v)
 
     @property
     def max_gb(self) -> float | None:
         return None if self.max_mib is None else round(self.max_mib * 1.048576 / 1e3, 2)
 
 
-class RowClock:
+class RowClock(_Poller):
     """Driver-side clock of a run's metrics.csv: the wall time at which each step's row appears (polled every
-    ``every_s``). The CSV's own ``time`` column is no use for step intervals: jobs/metrics.py writes floats with 6
-    significant digits, i.e. a Unix time to the nearest 10 000 s."""
+    ``every_s``), so step intervals are measured by the same clock for every mode and device, independent of where
+    the job's own timer synchronises (its ``tokens_per_s`` column is reported next to this one)."""
 
     def __init__(self, csv_path: Path, every_s: float = 0.02) -> None:
-        self.path, self.every_s = csv_path, every_s
+        super().__init__(every_s)
+        self.path = csv_path
         self.seen: dict[int, float] = {}
-        self._size, self._stop = -1, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._size = -1
 
     def poll(self) -> None:
         try:
@@ -155,18 +170,6 @@ class RowClock:
                 self.seen.setdefault(int(r["step"]), now)
             except (KeyError, ValueError):  # a row being written
                 self._size = -1
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.poll()
-
-    def __enter__(self) -> "RowClock":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def gpu_name() -> str | None:
