@@ -12,10 +12,12 @@ chosen == rejected, a bad schema or a rendering longer than the context are drop
 Reference model: the starting weights (``init``). Its sequence log-probs of every chosen/rejected answer are computed
 ONCE on the driver before the workers start and stored next to the rendered rows (``<run>/data/*.parquet``), so no
 frozen copy is held during training. With LoRA the adapters start at zero (B = 0), so the base without adapter is
-exactly that reference. Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)]) (model/losses.dpo_loss).
+exactly that reference. Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)]) (model/losses.dpo_loss), plus
+``nll_weight`` × the chosen answers' mean per-token NLL (jobs/sft.dpo_batch_loss; README has what it measured).
 Metrics (train rows and, every ``run.eval_every`` steps, the held-out split → ``<run>/metrics/eval.jsonl``):
 reward_margin, reward_accuracy (share of pairs whose implicit reward prefers chosen), chosen_logp, rejected_logp,
-logp_margin (policy chosen − rejected log-prob). Checkpoints, resume, export (``hf/``, ``adapter/``) as in jobs/sft.py.
+logp_margin (policy chosen − rejected log-prob), dpo_loss and chosen_nll (the two parts of the loss). Checkpoints,
+resume, export (``hf/``, ``adapter/``) as in jobs/sft.py.
 Leaves out: the reference pass on the workers (the driver holds one full copy of the model for it: fine for small
 models; for a 7B-class model precompute on a GPU node), IPO/hinge variants, length-normalised log-probs.
 """
@@ -52,6 +54,9 @@ class DpoConfig:
     """Preference rows ({prompt|messages, chosen, rejected}); same fields as SFT data."""
     beta: float = 0.1
     """DPO β: how far the policy may move from the reference (higher = stays closer)."""
+    nll_weight: float = 0.0
+    """Weight of an NLL term on the chosen answers (mean per token) added to the DPO loss; Llama 3 used 0.2 (after
+    Pang et al. 2024). It keeps the chosen answers' likelihood from falling while the margin grows."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA adapters (off = full fine-tuning)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-6, warmup_steps=10, weight_decay=0.0))
@@ -68,6 +73,8 @@ class DpoConfig:
             raise ConfigError("tokenizer: with no init weights, name a tokenizer directory (tokenizer=DIR)")
         if not self.beta > 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not self.nll_weight >= 0:
+            raise ConfigError(f"nll_weight must be >= 0, got {self.nll_weight}")
         self.train.grad_accum(self.scaling.num_workers)
 
 
@@ -107,7 +114,7 @@ def dpo(cfg: DpoConfig) -> dict[str, Any]:
                 c, j = reference_logprobs(ref_model, r.rows, st.tok.pad_id or 0)
                 save_rendered(r, data_dir / f"{name}.parquet", cols, {"ref_chosen": c, "ref_rejected": j})
         del ref_model
-    return train_finetune("dpo", cfg, st, beta=cfg.beta)
+    return train_finetune("dpo", cfg, st, beta=cfg.beta, nll_weight=cfg.nll_weight)
 
 
 def main(argv: list[str] | None = None) -> int:

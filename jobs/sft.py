@@ -169,17 +169,23 @@ def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[s
     return F.cross_entropy(model.output(h).float(), labels[keep]), {}
 
 
-def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float) -> tuple[Tensor, dict[str, Tensor]]:
-    """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs."""
-    from model.losses import dpo_loss, sequence_logprobs
+def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
+                   nll_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs,
+    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2)."""
+    from model.losses import IGNORE, dpo_loss, sequence_logprobs
 
-    logp = sequence_logprobs(model(batch["tokens"]), batch["labels"])  # (2B,)
+    labels = batch["labels"]
+    logp = sequence_logprobs(model(batch["tokens"]), labels)  # (2B,)
     ref = batch["ref"]
     b = logp.shape[0] // 2
     s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)
+    chosen_nll = -logp[:b].sum() / (labels[:b] != IGNORE).sum().clamp_min(1)
+    loss = s.loss + nll_weight * chosen_nll if nll_weight else s.loss
     pc, pr = logp[:b].detach(), logp[b:].detach()
-    return s.loss, {"reward_margin": s.reward_margin, "reward_accuracy": s.accuracy,
-                    "chosen_logp": pc.mean(), "rejected_logp": pr.mean(), "logp_margin": (pc - pr).mean()}
+    return loss, {"dpo_loss": s.loss.detach(), "chosen_nll": chosen_nll.detach(), "reward_margin": s.reward_margin,
+                  "reward_accuracy": s.accuracy, "chosen_logp": pc.mean(), "rejected_logp": pr.mean(),
+                  "logp_margin": (pc - pr).mean()}
 
 
 @dataclass
@@ -195,6 +201,8 @@ class FinetuneObjective:
     """Adapters on a frozen base (None: full fine-tuning)."""
     beta: float = 0.1
     """DPO β."""
+    nll_weight: float = 0.0
+    """DPO: weight of the chosen answers' per-token NLL added to the loss."""
     task_prompts: list[list[int]] = field(default_factory=list)
     """Held-out prompt ids (with the generation prompt) for the task metric."""
     task_refs: list[str] = field(default_factory=list)
@@ -224,7 +232,7 @@ class FinetuneObjective:
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return sft_loss(model, batch) if self.name == "sft" else dpo_batch_loss(model, batch, self.beta)
+        return sft_loss(model, batch) if self.name == "sft" else dpo_batch_loss(model, batch, self.beta, self.nll_weight)
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return batch["tokens"].numel()
@@ -465,7 +473,7 @@ def train_finetune(name: Literal["sft", "dpo"], cfg: Any, st: Start, **objective
         seq_len=cfg.data.max_len or st.args.max_seq_len, metrics_dir=str(st.rd / "metrics"),
         ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every, tokenizer_dir=st.tok_dir,
         export_dir=str(st.rd / "hf") if cfg.run.export else None, fail_at_step=cfg.run.fail_at_step,
-        extra_report={**stats, **({"beta": obj.beta} if name == "dpo" else {})})
+        extra_report={**stats, **({"beta": obj.beta, "nll_weight": obj.nll_weight} if name == "dpo" else {})})
     result = fit_on_ray(spec, cfg.run, cfg.scaling)
     return {"run_dir": str(st.rd), "metrics": result.metrics, "data": stats,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,

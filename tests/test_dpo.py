@@ -97,6 +97,7 @@ def test_bad_pairs_are_dropped_by_reason(sft_init, pairs):
 
 @pytest.mark.parametrize("extra, message", [
     ({"beta": 0.0}, "beta must be > 0"),
+    ({"nll_weight": -0.2}, "nll_weight must be >= 0"),
     ({"data.train": "/nonexistent.jsonl"}, "data file not found"),
     ({"init": "/nonexistent-model"}, "does not exist"),
 ])

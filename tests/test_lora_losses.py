@@ -89,3 +89,23 @@ def test_sft_loss_runs_the_head_on_assistant_positions_only_and_equals_the_full_
     assert stats == {}
     fast.backward()
     assert model.layers[0].attention.wq.lora_b.grad is not None
+
+
+def test_dpo_batch_loss_adds_the_chosen_answers_per_token_nll():
+    from jobs.sft import dpo_batch_loss
+
+    torch.manual_seed(0)
+    model = small_model()
+    tokens = torch.randint(0, 101, (4, 10))  # rows 0-1 chosen, rows 2-3 rejected
+    labels = torch.full((4, 10), IGNORE)
+    labels[0, 3:6], labels[1, 4:5], labels[2, 3:7], labels[3, 2:4] = tokens[0, 4:7], tokens[1, 5:6], 9, 8
+    batch = {"tokens": tokens, "labels": labels, "ref": torch.tensor([-20.0, -8.0, -30.0, -15.0])}
+    with torch.no_grad():
+        logp = sequence_logprobs(model(tokens), labels)
+    plain, stats = dpo_batch_loss(model, batch, beta=0.1)
+    regularised, stats_w = dpo_batch_loss(model, batch, beta=0.1, nll_weight=0.5)
+    expected_nll = -(logp[0] + logp[1]) / 4  # 3 + 1 chosen answer tokens
+    torch.testing.assert_close(stats["chosen_nll"], expected_nll)
+    torch.testing.assert_close(plain, dpo_loss(logp[:2], logp[2:], batch["ref"][:2], batch["ref"][2:], 0.1).loss)
+    torch.testing.assert_close(regularised, plain + 0.5 * expected_nll)
+    torch.testing.assert_close(stats_w["dpo_loss"], plain.detach())
