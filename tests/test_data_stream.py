@@ -4,7 +4,6 @@ The same code under Ray Train, with a killed worker, a killed driver and 2 → 1
 
 from __future__ import annotations
 
-import os
 import socket
 
 import numpy as np

@@ -225,7 +225,7 @@ def test_training_is_deterministic_and_handles_jsonl(corpus, tmp_path):
     txt.write_text("\n".join(lines), encoding="utf-8")
     a = SentencePieceTokenizer.train([jsonl], tmp_path / "a", vocab_size=600)
     b = SentencePieceTokenizer.train([jsonl], tmp_path / "b", vocab_size=600)
-    c = SentencePieceTokenizer.train([txt], tmp_path / "c", vocab_size=600)
+    SentencePieceTokenizer.train([txt], tmp_path / "c", vocab_size=600)
     model_a = (tmp_path / "a" / "tokenizer.model").read_bytes()
     assert model_a == (tmp_path / "b" / "tokenizer.model").read_bytes()
     assert model_a == (tmp_path / "c" / "tokenizer.model").read_bytes()  # same lines, either format
