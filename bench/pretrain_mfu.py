@@ -73,7 +73,7 @@ def make_spec(a: argparse.Namespace, world: int, metrics_dir: str) -> LoopSpec:
     cfg = TrainConfig(max_steps=a.steps, batch_size=a.micro * world, micro_batch_size=a.micro, lr=3e-4,
                       warmup_steps=2, compile=not a.no_compile, activation_checkpointing=a.ac, eval_sequences=0)
     seq, vocab = a.seq, args.vocab_size
-    return LoopSpec(model_args=args, train=cfg, seq_len=seq,
+    return LoopSpec(model_args=args, train=cfg,
                     make_train_source=lambda: SyntheticRows(10**9, seq, vocab), metrics_dir=metrics_dir,
                     objective=PretrainObjective(fused_lm_loss if a.loss == "fused" else causal_lm_loss),
                     ckpt_at_end=False, write_report=False)

@@ -265,7 +265,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     spec = LoopSpec(
-        model_args=cfg.model, train=cfg.train, seq_len=prepared.seq_len,
+        model_args=cfg.model, train=cfg.train,
         make_train_source=functools.partial(
             StreamRows, cfg.train.micro_batch_size, cfg.train.batch_size, num_rows=prepared.num_train,
             record_dir=str(rd / "metrics") if cfg.run.record_consumed else None),

@@ -232,10 +232,15 @@ class FinetuneObjective:
         return model
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        return sft_loss(model, batch) if self.name == "sft" else dpo_batch_loss(model, batch, self.beta, self.nll_weight)
+        if self.name == "sft":
+            return sft_loss(model, batch)
+        return dpo_batch_loss(model, batch, self.beta, self.nll_weight)
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return batch["tokens"].numel()
+
+    def seq_len(self, batch: dict[str, Tensor]) -> int:
+        return batch["tokens"].shape[1]  # the micro-batch's padded length, not data.max_len
 
     def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
         """val_task_accuracy: rank 0 generates with the merged weights, every rank gets the figure."""
@@ -467,13 +472,14 @@ def train_finetune(name: Literal["sft", "dpo"], cfg: Any, st: Start, **objective
     obj = FinetuneObjective(name, st.init_dir, lora, adapter_meta=adapter_meta(lora, st.init_dir),
                             adapter_dir=str(st.rd / "adapter") if lora and cfg.lora.save_adapter else None, **objective)
     rows, pad = SftRows if name == "sft" else PairRows, st.tok.pad_id or 0
+    dpo_settings = {"beta": obj.beta, "nll_weight": obj.nll_weight} if name == "dpo" else {}
     spec = LoopSpec(
         model_args=st.args, train=cfg.train, objective=obj, make_train_source=partial(rows, data / "train.parquet", pad),
         make_val_source=partial(rows, data / "val.parquet", pad) if st.val.rows else None,
-        seq_len=cfg.data.max_len or st.args.max_seq_len, metrics_dir=str(st.rd / "metrics"),
+        metrics_dir=str(st.rd / "metrics"),
         ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every, tokenizer_dir=st.tok_dir,
         export_dir=str(st.rd / "hf") if cfg.run.export else None, fail_at_step=cfg.run.fail_at_step,
-        extra_report={**stats, **({"beta": obj.beta, "nll_weight": obj.nll_weight} if name == "dpo" else {})})
+        extra_report={**stats, **dpo_settings})
     result = fit_on_ray(spec, cfg.run, cfg.scaling)
     return {"run_dir": str(st.rd), "metrics": result.metrics, "data": stats,
             "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -311,6 +311,9 @@ class Objective(Protocol):
     def tokens(self, batch: Any) -> int:
         """Tokens the model runs on in this micro-batch (tokens/s, MFU)."""
 
+    def seq_len(self, batch: Any) -> int:
+        """Positions per row of this micro-batch: the T of MFU's attention FLOPs (ModelArgs.flops_per_token)."""
+
     def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
         """Collective: validation figures beyond ``val`` (``val_loss`` and ``val_<stat>``, averaged over ranks)."""
 
@@ -337,6 +340,9 @@ class PretrainObjective:
 
     def tokens(self, batch: Tensor) -> int:
         return batch[:, 1:].numel()
+
+    def seq_len(self, batch: Tensor) -> int:
+        return batch.shape[1] - 1
 
     def eval_extras(self, model: nn.Module, val: dict[str, float], w: Worker) -> dict[str, float]:
         return {"val_ppl": math.exp(min(val["val_loss"], 50))}
@@ -365,8 +371,6 @@ class LoopSpec:
     """Called on the worker: returns the validation RowSource, or None for no validation."""
     objective: Objective = field(default_factory=PretrainObjective)
     """What is trained and how: PretrainObjective(loss_fn), or jobs/sft.FinetuneObjective for SFT and DPO."""
-    seq_len: int = 256
-    """Tokens per sequence, for the attention FLOPs of MFU (fine-tuning: the longest row allowed)."""
     metrics_dir: str | None = None
     """Where rank 0 writes CSV/TensorBoard/eval.jsonl/report (None: nowhere)."""
     ckpt_every: int = 0
@@ -507,7 +511,6 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
 
     if val_src is not None and step == 0:  # the "before" figure
         evaluate(0)
-    flops_per_token = args.flops_per_token(spec.seq_len)
     last: dict[str, Any] = {}
     while step < cfg.max_steps:
         step += 1
@@ -522,10 +525,11 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
             g["lr"] = lr
         t0 = time.perf_counter()
         sums: dict[str, Tensor] = {}
-        tokens = 0
+        tokens = flops = 0.0
         for a in range(accum):
             batch = train_src.micro_batch(consumed, a, device)
-            tokens += obj.tokens(batch)
+            n = obj.tokens(batch)
+            tokens, flops = tokens + n, flops + n * args.flops_per_token(obj.seq_len(batch))
             loss, stats = obj.loss(model, batch)
             (loss / accum).backward()
             _add(sums, {"loss": loss, **stats}, 1 / accum)
@@ -534,9 +538,11 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         consumed += cfg.batch_size
-        means = _rank_mean({**sums, "tokens": torch.tensor(tokens, dtype=torch.float64, device=device)}, world)
-        tps = means.pop("tokens") * world / (time.perf_counter() - t0)  # after _rank_mean: the step has finished
-        mfu = tps * flops_per_token / (H100_BF16_PEAK * world) if device.type == "cuda" else None
+        work = torch.tensor([tokens, flops], dtype=torch.float64, device=device)
+        means = _rank_mean({**sums, "tokens": work[0], "flops": work[1]}, world)
+        dt = time.perf_counter() - t0  # after _rank_mean: the step has finished
+        tps, flops_per_s = means.pop("tokens") * world / dt, means.pop("flops") * world / dt
+        mfu = flops_per_s / (H100_BF16_PEAK * world) if device.type == "cuda" else None
         row: dict[str, Any] = {"step": step, "loss": means.pop("loss"), "lr": lr, "grad_norm": float(gn),
                                "tokens_per_s": tps, "mfu": mfu, "peak_mem_gb": _peak_mem_gb(device),
                                "consumed": consumed, "world_size": world, "trainable_params": trainable, **means}

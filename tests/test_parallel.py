@@ -159,3 +159,14 @@ def test_fractional_gpu_workers_share_a_card():
                      ({"use_gpu": False, "gpus_per_worker": 0.5}, "needs scaling.use_gpu")):
         with pytest.raises(ConfigError, match=msg):
             ScalingSettings(**bad)
+
+
+def test_mfu_row_length_is_the_micro_batch_not_the_context():
+    """MFU's attention term uses each micro-batch's own row length: T for packed pretraining rows (B, T+1), the padded
+    length for SFT/DPO rows — not data.max_len or the model's context (a 1 k-token chat on an 8 k-context model)."""
+    from jobs.sft import FinetuneObjective
+    from jobs.train_loop import PretrainObjective
+
+    assert PretrainObjective().seq_len(torch.zeros(4, 129, dtype=torch.long)) == 128
+    rows = {"tokens": torch.zeros(4, 37, dtype=torch.long), "labels": torch.zeros(4, 37, dtype=torch.long)}
+    assert FinetuneObjective("sft").seq_len(rows) == 37
