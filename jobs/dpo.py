@@ -12,8 +12,10 @@ chosen == rejected, a bad schema or a rendering longer than the context are drop
 Reference model: the starting weights (``init``). Its sequence log-probs of every chosen/rejected answer are computed
 ONCE on the driver before the workers start and stored next to the rendered rows (``<run>/data/*.parquet``), so no
 frozen copy is held during training. With LoRA the adapters start at zero (B = 0), so the base without adapter is
-exactly that reference. Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)]) (model/losses.dpo_loss), plus
-``nll_weight`` × the chosen answers' mean per-token NLL (jobs/sft.dpo_batch_loss; README has what it measured).
+exactly that reference; both it and the policy score answers with jobs/sft.answer_logprobs (the output head on
+answer positions only, no full-vocabulary logits). Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)])
+(model/losses.dpo_loss), plus ``nll_weight`` × the chosen answers' mean per-token NLL (jobs/sft.dpo_batch_loss;
+README has what it measured).
 Metrics (train rows and, every ``run.eval_every`` steps, the held-out split → ``<run>/metrics/eval.jsonl``):
 reward_margin, reward_accuracy (share of pairs whose implicit reward prefers chosen), chosen_logp, rejected_logp,
 logp_margin (policy chosen − rejected log-prob), dpo_loss and chosen_nll (the two parts of the loss). Checkpoints,
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 
 from jobs.pretrain import RunSettings, ScalingSettings
-from jobs.sft import LoraSettings, SftData, render_start, run_job, train_finetune
+from jobs.sft import LoraSettings, SftData, answer_logprobs, render_start, run_job, train_finetune
 from jobs.train_loop import TrainConfig
 from model.llama import ConfigError, ModelArgs
 
@@ -83,7 +85,7 @@ def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]]
                        batch_size: int = 16) -> tuple[list[float], list[float]]:
     """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference)."""
     from jobs.sft_data import pad_right
-    from model.losses import IGNORE, sequence_logprobs
+    from model.losses import IGNORE
 
     model.eval()
     out: list[list[float]] = [[], []]
@@ -92,7 +94,7 @@ def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]]
         for side, (ci, cl) in enumerate(((0, 1), (2, 3))):
             tokens = pad_right([r[ci] for r in chunk], pad_id)
             labels = pad_right([r[cl] for r in chunk], IGNORE)
-            out[side] += sequence_logprobs(model(tokens), labels).tolist()
+            out[side] += answer_logprobs(model, tokens, labels).tolist()
     return out[0], out[1]
 
 

@@ -155,28 +155,42 @@ class SftConfig:
 # ------------------------------------------------------------------------------------------------ objective
 
 
-def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean cross-entropy over the assistant tokens of the micro-batch.
+def answer_token_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(log p(label) at each labelled position (N,), the (B, T) mask of those positions).
 
-    The output head runs on the assistant positions only: prompt and padding positions never get logits (with a
-    128k vocabulary the head is most of an SFT step). Equal to ``next_token_loss(model(tokens), labels)``; like
-    ``fused_lm_loss`` it relies on the FSDP root staying unsharded after ``hidden_states`` (jobs/parallel.py)."""
+    The output head runs on the labelled (assistant) positions only: prompt and padding positions never get logits
+    (with a 128k vocabulary the head is most of an SFT or DPO step, and full (B, T, V) float32 logits are gigabytes).
+    Like ``fused_lm_loss`` it relies on the FSDP root staying unsharded after ``hidden_states`` (jobs/parallel.py)."""
     from model.losses import IGNORE
 
-    labels = batch["labels"]
     keep = labels != IGNORE
-    h = model.hidden_states(batch["tokens"])[keep]  # (N, dim), N = assistant tokens in the micro-batch
-    return F.cross_entropy(model.output(h).float(), labels[keep]), {}
+    h = model.hidden_states(tokens)[keep]  # (N, dim), N = labelled tokens in the micro-batch
+    return -F.cross_entropy(model.output(h).float(), labels[keep], reduction="none"), keep
+
+
+def answer_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor) -> Tensor:
+    """Sum of log p(label) over each row's labelled positions → (B,); equal to
+    ``sequence_logprobs(model(tokens), labels)`` without the full logits."""
+    token_logp, keep = answer_token_logprobs(model, tokens, labels)
+    rows = keep.nonzero()[:, 0]
+    return torch.zeros(len(labels), dtype=token_logp.dtype, device=token_logp.device).index_add(0, rows, token_logp)
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean cross-entropy over the assistant tokens of the micro-batch; equal to
+    ``next_token_loss(model(tokens), labels)`` without the full logits."""
+    token_logp, _ = answer_token_logprobs(model, batch["tokens"], batch["labels"])
+    return -token_logp.mean(), {}
 
 
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
                    nll_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs,
     plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2)."""
-    from model.losses import IGNORE, dpo_loss, sequence_logprobs
+    from model.losses import IGNORE, dpo_loss
 
     labels = batch["labels"]
-    logp = sequence_logprobs(model(batch["tokens"]), labels)  # (2B,)
+    logp = answer_logprobs(model, batch["tokens"], labels)  # (2B,)
     ref = batch["ref"]
     b = logp.shape[0] // 2
     s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)

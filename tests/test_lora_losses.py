@@ -74,20 +74,24 @@ def test_dpo_loss_prefers_chosen():
     torch.testing.assert_close(good.loss, -torch.nn.functional.logsigmoid(torch.tensor(0.4)))
 
 
-def test_sft_loss_runs_the_head_on_assistant_positions_only_and_equals_the_full_loss():
-    from jobs.sft import sft_loss
+def test_head_on_answer_positions_only_equals_the_full_logits():
+    """sft_loss and answer_logprobs give no logits to prompt and padding positions; values as from model(tokens)."""
+    from jobs.sft import answer_logprobs, sft_loss
 
     torch.manual_seed(0)
     model = small_model()
     add_lora(model, LoraConfig(rank=4, targets=("wq", "wv")))
-    tokens = torch.randint(0, 101, (3, 12))
-    labels = torch.full((3, 12), IGNORE)
-    labels[0, 5:9], labels[1, 2:3], labels[2, 7:] = tokens[0, 6:10], tokens[1, 3:4], 7  # ragged answer spans
+    tokens = torch.randint(0, 101, (4, 12))
+    labels = torch.full((4, 12), IGNORE)
+    labels[0, 5:9], labels[1, 2:3], labels[2, 7:] = tokens[0, 6:10], tokens[1, 3:4], 7  # ragged spans; row 3: none
+    full_logits = model(tokens)
     fast, stats = sft_loss(model, {"tokens": tokens, "labels": labels})
-    full = next_token_loss(model(tokens), labels)
-    torch.testing.assert_close(fast, full)
+    torch.testing.assert_close(fast, next_token_loss(full_logits, labels))
     assert stats == {}
-    fast.backward()
+    per_row = answer_logprobs(model, tokens, labels)
+    torch.testing.assert_close(per_row, sequence_logprobs(full_logits, labels))
+    assert per_row[3] == 0
+    (fast + per_row.sum()).backward()
     assert model.layers[0].attention.wq.lora_b.grad is not None
 
 
