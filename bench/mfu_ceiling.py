@@ -73,28 +73,27 @@ def attention_ms(args: ModelArgs, batch: int, seq: int, reps: int) -> dict[str, 
     q = torch.randn(batch, args.n_heads, seq, args.hd, **kw)
     k, v = (torch.randn(batch, args.kv_heads, seq, args.hd, **kw) for _ in range(2))
     gqa = args.n_heads != args.kv_heads
-    out: dict[str, float | str] = {}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        def step():
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            y.backward(torch.ones_like(y))
+    rep = args.n_heads // args.kv_heads
+
+    def shared_kv():  # enable_gqa: the kernel reads each K/V head for its group of query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        y.backward(torch.ones_like(y))
+
+    def copied_kv():  # the pre-enable_gqa way: copy K/V to every query head (the copies are timed too)
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True)
+        y.backward(torch.ones_like(y))
+
+    def timed(backend: SDPBackend, step) -> float | str:
         try:
             with sdpa_kernel(backend):
-                out[backend.name.lower()] = round(time_ms(step, reps), 3)
+                return round(time_ms(step, reps), 3)
         except RuntimeError as e:  # this backend refuses these shapes / this GPU
-            out[backend.name.lower()] = f"unavailable: {str(e).splitlines()[0][:160]}"
-    if gqa:  # the pre-enable_gqa way: copy K/V to every query head (the copies are timed too)
-        def expanded():
-            rep = args.n_heads // args.kv_heads
-            y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                               is_causal=True)
-            y.backward(torch.ones_like(y))
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            try:
-                with sdpa_kernel(backend):
-                    out[f"{backend.name.lower()}_kv_copied"] = round(time_ms(expanded, reps), 3)
-            except RuntimeError as e:
-                out[f"{backend.name.lower()}_kv_copied"] = f"unavailable: {str(e).splitlines()[0][:160]}"
+            return f"unavailable: {str(e).splitlines()[0][:160]}"
+
+    flash, cudnn = SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION
+    out = {b.name.lower(): timed(b, shared_kv) for b in (flash, cudnn, SDPBackend.EFFICIENT_ATTENTION)}
+    if gqa:
+        out.update({f"{b.name.lower()}_kv_copied": timed(b, copied_kv) for b in (flash, cudnn)})
     return out
 
 
