@@ -44,7 +44,8 @@ class ScorerConfig:
         return self.kind in ("numeric", "exact", "regex", "code")
 
     def verifier(self):
-        return {"numeric": NumericVerifier(check_work=self.check_work), "exact": MatchVerifier(), "regex": MatchVerifier(regex=True),
+        return {"numeric": NumericVerifier(check_work=self.check_work), "exact": MatchVerifier(),
+                "regex": MatchVerifier(regex=True),
                 "code": CodeVerifier(time_limit_s=self.time_limit_s, memory_mb=self.memory_mb)}[self.kind]
 
 
