@@ -17,11 +17,11 @@ w1|w3, w2), to show what fusing projections could buy.
 
 Prints one JSON line. Needs CUDA.
 
-Measured 2026-11-26, H100 80GB HBM3 (nvidia-h100-x1), torch 2.11.0+cu130, llama-1b, seq 2048, micro 16, two machines:
-floor 399.6 / 400.5 ms per 32 768-token step → ceiling 82.0 k / 81.8 k tokens/s = 55.1 % / 55.0 % MFU by the
-prescribed formula; GEMMs at 700 TFLOP/s; attention per layer cuDNN 3.28 ms, flash 4.97 ms (efficient: no kernel
-for these shapes); fused projections 399.6 → 398.7 ms. bench/pretrain_mfu.py measured 66.1 k tokens/s (44.4 %)
-through Ray Train on the same machine.
+Measured 2026-11-26, H100 80GB HBM3 (nvidia-h100-x1), torch 2.11.0+cu130, llama-1b, seq 2048, micro 16, three
+machines: floor 399.6 / 400.5 / 392.5 ms per 32 768-token step → ceiling 82.0 k / 81.8 k / 83.5 k tokens/s = 55.1 % /
+55.0 % / 56.1 % MFU by the prescribed formula; GEMMs at 700 TFLOP/s; attention per layer cuDNN 3.28 ms, flash 4.97 ms
+(efficient: no kernel for these shapes); fused projections 399.6 → 398.7 ms. bench/pretrain_mfu.py measured 66.1 k
+tokens/s (44.4 %) through Ray Train on the same machine.
 """
 
 from __future__ import annotations

@@ -35,11 +35,11 @@ ran together on one more nvidia-h100-x1 (Ray overhead there: -0.4 %, i.e. noise)
 Rerun 2026-11-26 after pretrain/SFT/DPO were merged into one loop (jobs/train_loop.Objective), Ray Train, 1 H100,
 micro 16, steps 9-20: 65 957 tokens/s, 44.3 % MFU (54.8 % with head), 64.8 GB — within 2 % of the row above.
 
-Rerun 2026-11-26 (third session), one nvidia-h100-x1 machine, micro 16, steps 9-22: Ray Train 66 138 tokens/s,
-44.4 % (55.0 % with head), torchrun 66 522 (44.7 %), Ray overhead 0.58 %; bench/mfu_ceiling.py on the same machine:
-the step's GEMMs + attention alone take 399.6 ms = 82.0 k tokens/s = 55.1 % — the ceiling with every other kernel
-free. bench/README.md has the table and the profile (--profile) of where the other ~95 ms go. Two GPUs (the
-tool lent two H200s): Ray 2 GPUs 132 954 vs 1 GPU 68 842 tokens/s = 1.93×, Ray overhead at 2 GPUs 0.36 %.
+Rerun 2026-11-26 (third session), one nvidia-h100-x1 machine, micro 16, steps 9-22: Ray Train 66 138 tokens/s, 44.4 %
+(55.0 % with head), torchrun 66 522 (44.7 %), Ray overhead 0.58 %; bench/mfu_ceiling.py on the same machine: the
+step's GEMMs + attention alone take 399.6 ms = 82.0 k tokens/s = 55.1 % (56.1 % on a third machine) — the ceiling with
+every other kernel free. bench/README.md has the table and the profile (--profile) of where the other ~95 ms go. Two
+GPUs (the tool lent two H200s): Ray 2 GPUs 132 954 vs 1 GPU 68 842 tokens/s = 1.93×, Ray overhead at 2 GPUs 0.36 %.
 
 Why 55 % is out of reach for this preset by the prescribed formula: N leaves out the 262 M-parameter embedding, and
 because llama-1b ties it to the output head, that also drops the head's matmul (6·V·d = 1.58 GFLOP per token, 24 %
