@@ -97,6 +97,11 @@ class ScalingSettings:
     """GPUs reserved per worker when use_gpu. A fraction (e.g. 0.5) lets a worker share its card with rollout actors
     that hold the rest (jobs/rs_rounds.py on one GPU: ``pool.num_gpus=0.5``); Ray only books the share, it does not
     cap memory, so the sharers must fit together. Above 1 it must be whole (each worker still trains on one device)."""
+    autoscale_timeout_s: float = 900.0
+    """On a cluster that can grow (an autoscaler config is found, cluster/capacity.py): how long the preflight waits
+    for the autoscaler to add the nodes the workers need before it gives up with an error naming what it asked
+    for and what arrived. 15 minutes covers a cloud GPU node's launch and setup; 0 = never wait (refuse at once, as
+    on a fixed cluster). A job above the autoscaler's maximum is refused at once whatever this says."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -107,6 +112,8 @@ class ScalingSettings:
         if not g > 0 or (g > 1 and g != int(g)):
             raise ConfigError(f"scaling.gpus_per_worker must be a fraction in (0, 1] or a whole number, "
                               f"got {self.gpus_per_worker}")
+        if not self.autoscale_timeout_s >= 0:
+            raise ConfigError(f"scaling.autoscale_timeout_s must be >= 0 seconds, got {self.autoscale_timeout_s}")
         if not self.use_gpu and self.gpus_per_worker != 1.0:
             raise ConfigError(f"scaling.gpus_per_worker={self.gpus_per_worker} needs scaling.use_gpu=true")
 
@@ -146,12 +153,16 @@ def _train_fn(config: dict[str, Any]) -> None:
 
 
 def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
-    """Connect to the run's cluster and check it can place the workers (pretrain, SFT and DPO preflight)."""
+    """Connect to the run's cluster and check it can place the workers (pretrain, SFT and DPO preflight).
+
+    Where an autoscaler can add what is missing, it asks for it and waits up to ``scaling.autoscale_timeout_s``
+    (cluster.connect.check_resources).
+    """
     from cluster.connect import check_resources, connect
 
     connect(run.address or None)
     check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
-                    gpus_per_worker=scaling.gpus_per_worker)
+                    gpus_per_worker=scaling.gpus_per_worker, timeout_s=scaling.autoscale_timeout_s)
 
 
 def preflight(cfg: PretrainConfig) -> None:
