@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from cluster.storage import storage_dir
 from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
 from model.llama import ConfigError
 
@@ -92,7 +93,7 @@ class PipelineConfig:
 
     @property
     def dir(self) -> Path:
-        return Path(self.storage).resolve() / self.name
+        return storage_dir(self.storage) / self.name
 
     def _stage(self, stage: str, base: dict, over: dict):
         from jobs.dpo import DpoConfig

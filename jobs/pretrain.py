@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.storage import storage_dir
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
 from jobs.data_stream import StreamRows
@@ -52,7 +53,10 @@ class RunSettings:
     name: str = "pretrain-tiny"
     """Run name: the directory under ``storage``; rerunning with the same name resumes."""
     storage: str = "runs"
-    """Parent directory of runs (made absolute); must be reachable by every worker."""
+    """Parent directory of runs: a path or ``file://`` URI that every worker can read (on a multi-node cluster a
+    node-local path is refused before any worker starts). Relative paths are relative to the current directory,
+    except in a job started by ``ray job submit --working-dir``: there they resolve against $LLAMARAY_STORAGE (or
+    ~/llamaray), never inside Ray's temporary copy of the working dir (cluster/storage.py)."""
     ckpt_every: int = 50
     """Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end."""
     eval_every: int = 50
@@ -145,7 +149,7 @@ class PretrainConfig:
 
 
 def run_dir(cfg: PretrainConfig) -> Path:
-    return Path(cfg.run.storage).resolve() / cfg.run.name
+    return storage_dir(cfg.run.storage) / cfg.run.name
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -153,14 +157,17 @@ def _train_fn(config: dict[str, Any]) -> None:
 
 
 def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
-    """Connect to the run's cluster and check it can place the workers (pretrain, SFT and DPO preflight).
-
-    Where an autoscaler can add what is missing, it asks for it and waits up to ``scaling.autoscale_timeout_s``
-    (cluster.connect.check_resources).
+    """Connect to the run's cluster, check that every node sees the run's storage and that the cluster can place
+    the workers (pretrain, SFT and DPO preflight); says on stderr where the results go. Where an autoscaler can add
+    what is missing, it asks for it and waits up to ``scaling.autoscale_timeout_s`` (cluster.connect.check_resources).
     """
     from cluster.connect import check_resources, connect
+    from cluster.storage import check_shared
 
     connect(run.address or None)
+    rd = storage_dir(run.storage) / run.name
+    check_shared(rd.parent)
+    print(f"llamaray: run directory {rd}", file=sys.stderr, flush=True)
     check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
                     gpus_per_worker=scaling.gpus_per_worker, timeout_s=scaling.autoscale_timeout_s)
 
@@ -227,7 +234,7 @@ def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
 
     from jobs.metrics import CsvProgress, read_csv
 
-    rd = Path(run.storage).resolve() / run.name
+    rd = storage_dir(run.storage) / run.name
     # Ray Train replaces each dataset's execution options with these; preserve_order keeps the split deterministic
     data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ExecutionOptions(
         preserve_order=True)) if datasets else None

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from actors.scorers import ScorerConfig
+from cluster.storage import storage_dir
 from jobs.config import job_arg_parser, load_config, to_dict
 from model.llama import ConfigError
 
@@ -189,7 +190,7 @@ class Output:
     """The output directory: config guard, atomic shards, the done set."""
 
     def __init__(self, cfg: RSConfig):
-        self.dir = Path(cfg.out)
+        self.dir = storage_dir(cfg.out, "out")
         self.shards = self.dir / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
         for stale in self.shards.glob(".part-*.tmp"):  # a shard being written when the last run was killed
@@ -288,8 +289,10 @@ def make_pool(cfg: RSConfig):
     """The rollout actors for ``cfg`` (the rounds job keeps one pool alive across rounds)."""
     from actors.rollout import RolloutPool
     from cluster.connect import connect
+    from cluster.storage import check_shared
 
     connect(cfg.ray_address or None)
+    check_shared(storage_dir(cfg.out, "out"), "out")  # every actor's node must see the output (multi-node)
     engine_cls = choose_engine(cfg)
     engine_opts = {"seed": cfg.seed}
     if engine_cls.name == "vllm":

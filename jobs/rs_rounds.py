@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.scorers import ScorerConfig
+from cluster.storage import storage_dir
 from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
 from jobs.rejection_sampling import PoolConfig, PromptSource, RSConfig, SelectionConfig, atomic_write
 from jobs.sft import SftConfig
@@ -113,7 +114,7 @@ def run(cfg: RoundsConfig) -> dict:
     from jobs.rejection_sampling import run as rs_run
     from jobs.sft import sft
 
-    out = Path(cfg.out)
+    out = storage_dir(cfg.out, "out")
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "rounds.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"policy": cfg.policy, "rounds": []}

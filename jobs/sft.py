@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cluster.storage import storage_dir
 from jobs.config import job_arg_parser, load_config, to_dict
 from jobs.pretrain import RunSettings, ScalingSettings, check_cluster, fit_on_ray
 from jobs.train_loop import LoopSpec, TrainConfig, Worker
@@ -326,7 +327,7 @@ def save_adapter(adapter: dict[str, Tensor], out_dir: str | Path, meta: dict[str
 
 
 def run_dir(run: RunSettings) -> Path:
-    return Path(run.storage).resolve() / run.name
+    return storage_dir(run.storage) / run.name
 
 
 def resolve_init(init: str, rd: Path, tokenizer: str = "") -> str | None:

@@ -31,6 +31,7 @@ import math
 import os
 import resource
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -241,6 +242,8 @@ class Session(Protocol):
 
     def settle(self) -> None: ...
 
+    def node_id(self) -> str: ...
+
 
 class RaySession:
     """Ray Train: checkpoints go through ray.train.report; the latest comes back from ray.train.get_checkpoint."""
@@ -273,6 +276,11 @@ class RaySession:
 
         ray.train.get_all_reported_checkpoints(timeout_s=120)
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
 
 class LocalSession:
     """torchrun without Ray (benchmarks): no checkpoint store; reports are dropped."""
@@ -291,6 +299,9 @@ class LocalSession:
 
     def settle(self) -> None:
         pass
+
+    def node_id(self) -> str:
+        return socket.gethostname()
 
 
 # ------------------------------------------------------------------------------------------------ objectives
@@ -494,11 +505,13 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     gathered = [torch.zeros_like(shard_info) for _ in range(world)]
     dist.all_gather(gathered, shard_info)
     shard_sizes = [int(t.item()) for t in gathered]
+    node_ids: list[str] = [""] * world
+    dist.all_gather_object(node_ids, session.node_id())
     eval_log = Path(spec.metrics_dir or ".", "eval.jsonl")
     if writing:  # one record per (re)start: who resumed from where, how it was sharded
         Path(spec.metrics_dir, f"attempt-{int(time.time() * 1000)}.json").write_text(json.dumps(
             {"world_size": world, "resumed_from_step": resumed_from, "consumed": consumed,
-             "local_param_elements": shard_sizes, "full_param_elements": full}))
+             "local_param_elements": shard_sizes, "full_param_elements": full, "node_ids": node_ids}))
         if step == 0:
             eval_log.unlink(missing_ok=True)
 
