@@ -316,6 +316,7 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
     from actors.scorers import ScorerActor, score_with_verifier
 
     out = Output(cfg)
+    print(f"llamaray: output directory {out.dir}", file=sys.stderr, flush=True)
     prompts = read_prompts(cfg.sources)
     done = out.done_ids()
     todo = [p for p in prompts if p.id not in done]

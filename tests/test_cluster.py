@@ -171,6 +171,7 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     ids = [i for f in sorted((out / "shards").glob("part-*.parquet"))
            for i in set(pq.read_table(f, columns=["prompt_id"]).column("prompt_id").to_pylist())]
     assert sorted(ids) == sorted(p.id for p in problems(48, seed=3))  # every prompt exactly once
+    assert f"output directory {out}" in client.get_job_logs(job)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["prompts"] == 48 and manifest["failed"] == 0, manifest
 
