@@ -1,8 +1,10 @@
-"""The whole lifecycle in one job: pretrain → SFT → rejection-sampling rounds → DPO, then a summary and how to serve.
+"""The whole lifecycle in one job: pretrain → SFT → rejection-sampling rounds → DPO, then a summary, then serving.
 
 Runbook (the README's main command; CPU, 2 cores, about 10–15 minutes):
     llamaray pipeline --config pipeline-tiny
     python -m jobs.pipeline --config pipeline-tiny --set stages=[sft,rs,dpo]     # reuse an earlier pretrain
+    llamaray pipeline --config pipeline-tiny --no-serve                          # stop after the summary
+    llamaray pipeline --config pipeline-tiny --set serve.keep=true               # leave the model serving (Ctrl-C)
 
 Stages, each its own job with its own run directory under ``<storage>/<name>/`` (so each resumes on a rerun):
   pretrain  jobs/pretrain.py on the embedded corpus (tokenizer, cleaning, packing, FSDP2 on Ray Train) → pretrain/hf
@@ -10,8 +12,14 @@ Stages, each its own job with its own run directory under ``<storage>/<name>/`` 
   sft       jobs/sft.py from the pretrain export on the SFT rows → sft/hf
   rs        jobs/rs_rounds.py: RS → SFT rounds with the live rollout actors → rounds/round-R/sft/hf
   dpo       jobs/dpo.py from the last policy on the last round's best/worst pairs → dpo/hf
+  serve     the final model on Ray Serve (jobs/serve.py's deploy, settings from ``serve.config``, serve-tiny:
+            http://127.0.0.1:8000), one chat request through the ``openai`` client (the first held-out prompt unless
+            ``serve.prompt``), the endpoint and the answer printed and recorded in summary.json (``served``); then
+            the application is deleted, unless ``serve.keep`` (the job then blocks until Ctrl-C, or returns with the
+            app left up when ``serve.overrides.detach`` is true — for a pipeline submitted to a cluster, where Serve
+            outlives the job). ``--no-serve`` (``serve.enabled=false``) skips it.
 At the end: summary.json and summary.png (held-out greedy accuracy after each stage), and the command that serves
-the final model. Leaves out: serving itself (a long-running service: ``llamaray serve --model …``).
+the final model again (``llamaray serve --model …``).
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from cluster.storage import storage_dir
-from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
+from jobs.config import deep_merge, from_dict, job_arg_parser, load_config, to_dict
 from model.llama import ConfigError
 
 Stage = Literal["pretrain", "sft", "rs", "dpo"]
@@ -53,6 +61,52 @@ class TaskData:
 
 
 @dataclass
+class ServeStep:
+    """The last step: serve the final model, send it one chat request, print the endpoint and the answer."""
+
+    enabled: bool = True
+    """Run the step; ``--no-serve`` sets false."""
+    keep: bool = False
+    """Leave the application serving after the request (false: it is deleted, and Serve stopped if nothing else runs
+    on it). With a local Ray the job then blocks until Ctrl-C, since Serve ends with the job's Ray; set
+    ``serve.overrides.detach=true`` on a cluster to return and leave the application up."""
+    config: str = "serve-tiny"
+    """Serve settings as for ``llamaray serve --config`` (a preset in configs/ or a YAML file)."""
+    overrides: dict = field(default_factory=dict)
+    """Changes to that config, e.g. ``{port: 8001, llm: {engine: reference}}`` (``--set serve.overrides.port=8001``);
+    ``model`` is always the pipeline's final model."""
+    prompt: str | None = None
+    """The chat message; None: the first held-out task prompt."""
+    max_tokens: int = 32
+    """Most tokens of the answer."""
+    timeout_s: float = 300.0
+    """Limit of the chat request (the application's start has its own, ``start_timeout_s``)."""
+
+    def __post_init__(self) -> None:
+        if self.keep and not self.enabled:
+            raise ConfigError("serve.keep=true needs serve.enabled=true (or drop --no-serve)")
+        if self.max_tokens < 1 or self.timeout_s <= 0:
+            raise ConfigError(f"serve: need max_tokens >= 1 and timeout_s > 0, got {self.max_tokens}, "
+                              f"{self.timeout_s}")
+        if "model" in self.overrides:
+            raise ConfigError("serve.overrides.model: the pipeline serves its own final model")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("serve.prompt is empty")
+        self.job_config(str(Path(__file__)))  # a bad key or value fails now, not after hours of training
+
+    def job_config(self, model: str):
+        """jobs/serve.py's config for ``model``."""
+        from jobs.serve import ServeJobConfig
+
+        cfg = load_config(ServeJobConfig, self.config)
+        try:
+            return from_dict(ServeJobConfig, deep_merge(to_dict(cfg), {**self.overrides, "model": model}),
+                             "pipeline.serve.overrides")
+        except ConfigError as e:
+            raise ConfigError(f"serve: {e}") from e
+
+
+@dataclass
 class PipelineConfig:
     """Which stages run and each stage's settings (as in that stage's own config file)."""
 
@@ -72,6 +126,8 @@ class PipelineConfig:
     """jobs/rs_rounds.py settings (policy, prompts, heldout and out are set here)."""
     dpo: dict = field(default_factory=dict)
     """jobs/dpo.py settings (init, data.train and run.name/storage are set here)."""
+    serve: ServeStep = field(default_factory=ServeStep)
+    """The final step: serve the final model and ask it one question (``--no-serve`` skips it)."""
 
     def __post_init__(self) -> None:
         order = ["pretrain", "sft", "rs", "dpo"]
@@ -194,7 +250,33 @@ def run(cfg: PipelineConfig) -> dict:
     summary["serve"] = f"llamaray serve --model {policy}"
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     plot(root, summary)
+    if cfg.serve.enabled:
+        summary["served"] = serve_step(cfg.serve, policy, files["heldout"])
+        (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def serve_step(step: ServeStep, model: str, heldout: Path) -> dict:
+    """Deploy ``model`` with jobs/serve.py, ask it one chat question, print the endpoint and the answer; delete the
+    application afterwards unless ``step.keep``. Returns what summary.json records under ``served``."""
+    from jobs.serve import chat_once, deploy, undeploy, with_api_key
+
+    cfg = step.job_config(model)
+    prompt = step.prompt or json.loads(heldout.read_text().splitlines()[0])["prompt"]
+    url = deploy(cfg)
+    try:
+        reply = chat_once(url, prompt, api_key=with_api_key(cfg).llm.api_key, max_tokens=step.max_tokens,
+                          timeout_s=step.timeout_s)
+    except BaseException:
+        undeploy(cfg.app_name)
+        raise
+    served = {"endpoint": f"{url}/v1", "app": cfg.app_name, "model": model, "prompt": prompt, **reply,
+              "kept": step.keep}
+    print(f"serving {model} at {served['endpoint']} (model {reply['model']!r}, hash {reply['hash']})", file=sys.stderr)
+    print(f"  user: {prompt}\n  assistant: {reply['answer']}", file=sys.stderr, flush=True)
+    if not step.keep:
+        undeploy(cfg.app_name)
+    return served
 
 
 def plot(root: Path, summary: dict) -> None:
@@ -218,16 +300,26 @@ def plot(root: Path, summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = job_arg_parser("llamaray pipeline", __doc__)
+    ap.add_argument("--no-serve", action="store_true",
+                    help="skip the final serve step (same as --set serve.enabled=false)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(PipelineConfig, args.config, args.overrides)
+        cfg = load_config(PipelineConfig, args.config,
+                          list(args.overrides) + (["serve.enabled=false"] if args.no_serve else []))
         summary = run(cfg)
     except ConfigError as e:
         print(f"llamaray pipeline: {e}", file=sys.stderr)
         return 2
     stages = {k: v.get("heldout_accuracy") for k, v in summary["stages"].items()}
-    print(json.dumps({"heldout_accuracy": stages, "final_model": summary["final_model"]}))
+    served = summary.get("served")
+    print(json.dumps({"heldout_accuracy": stages, "final_model": summary["final_model"],
+                      **({"endpoint": served["endpoint"], "answer": served["answer"]} if served else {})}))
     print(f"serve it with:  {summary['serve']}", file=sys.stderr)
+    if served and served["kept"] and not cfg.serve.job_config(summary["final_model"]).detach:
+        from jobs.serve import hold
+
+        print(f"serving at {served['endpoint']} until Ctrl-C", file=sys.stderr, flush=True)
+        hold(served["app"])
     return 0
 
 

@@ -160,6 +160,51 @@ def wait_running(app_name: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def chat_once(url: str, prompt: str, *, api_key: str | None = None, max_tokens: int = 32,
+              timeout_s: float = 120.0) -> dict:
+    """One chat request to the running application through the ``openai`` client (the way users call it; plain
+    HTTP with the same body when the client is not installed). Returns model id, answer, weights hash, usage."""
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
+    try:
+        from openai import OpenAI
+    except ImportError:  # openai is a dev extra; the server speaks the same JSON either way
+        OpenAI = None  # noqa: N806
+    if OpenAI is not None:
+        client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=2, timeout=timeout_s)
+        model = client.models.list().data[0].id
+        r = client.chat.completions.create(model=model, **body)
+        return {"model": model, "answer": r.choices[0].message.content, "hash": r.system_fingerprint,
+                "finish_reason": r.choices[0].finish_reason, "completion_tokens": r.usage.completion_tokens}
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+        r = json.load(resp)
+    return {"model": r["model"], "answer": r["choices"][0]["message"]["content"], "hash": r["system_fingerprint"],
+            "finish_reason": r["choices"][0]["finish_reason"], "completion_tokens": r["usage"]["completion_tokens"]}
+
+
+def undeploy(app_name: str) -> None:
+    """Delete the application; stop Serve itself too (its proxy holds the port) when no other application is left."""
+    from ray import serve
+
+    serve.delete(app_name)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def hold(app_name: str) -> None:
+    """Keep serving until Ctrl-C, then delete the application (a local Ray ends with this process anyway)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.delete(app_name)
+
+
 def add_model_flag(ap) -> None:
     ap.add_argument("--model", help="HF-format checkpoint directory (same as --set model=DIR)")
 
@@ -180,15 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamaray serve: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"url": url, "app": cfg.app_name, "model": str(Path(cfg.model).resolve())}), flush=True)
-    if cfg.detach:
-        return 0
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        from ray import serve
-
-        serve.delete(cfg.app_name)
+    if not cfg.detach:
+        hold(cfg.app_name)
     return 0
 
 
