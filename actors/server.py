@@ -15,8 +15,9 @@ The model directory travels as the deployment's ``user_config`` (``{"model_dir":
   requests finish (``scaling.graceful_shutdown_timeout_s``). No request is dropped (tests/test_serve.py).
 * ``serve deploy serve_config.yaml`` with only ``deployments[].user_config.model_dir`` changed: a lightweight
   update — Serve calls ``reconfigure`` on each running replica, which starts an engine on the new weights, switches
-  new requests to it and lets running streams finish on the old engine before shutting it down. If the new
-  weights fail to load, the replica keeps serving the old ones.
+  new requests to it and lets running streams finish on the old engine before shutting it down (two engines share
+  the replica's memory meanwhile). If the new weights fail to load, the replica keeps serving the old ones and
+  ``GET /health`` reports the failure in ``last_reload`` (tests/test_serve_cluster.py).
 
 Metrics (Ray's Prometheus exporter, ``ray.serve.metrics``): ``llamaray_requests_total`` {endpoint, status},
 ``llamaray_request_latency_s``, ``llamaray_ttft_s``, ``llamaray_tokens_per_s`` {endpoint},
@@ -240,6 +241,7 @@ class LLMServer:
         self._swap_lock = asyncio.Lock()
         self._metrics = _Metrics()
         self._ongoing = 0
+        self._reload: dict[str, Any] | None = None  # the last reconfigure's outcome, shown by /health
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -250,20 +252,30 @@ class LLMServer:
             raise ValueError(f"user_config must be {{'model_dir': str}}, got {user_config!r}")
         async with self._swap_lock:
             if self.slot is not None and self.slot.info.model_dir == model_dir:
+                self._reload = {"model_dir": model_dir, "ok": True, "error": None}  # e.g. back from bad weights
                 return
+            engine = None
             try:
                 engine = self.engine_cls(model_dir, self.cfg.engine_options)
                 await engine.start()
                 codec = await asyncio.to_thread(PromptCodec, model_dir)
-            except Exception:
+            except Exception as e:
+                if engine is not None:  # started, then the tokenizer failed: free its memory (a GPU's, with vLLM)
+                    try:
+                        await engine.shutdown()
+                    except Exception:  # noqa: BLE001 — the load error is the one to report
+                        log.exception("shutting down the engine that failed to load %s", model_dir)
                 if self.slot is None:  # first load: the deployment fails, loudly
                     raise
                 # a promote to weights that do not load: keep serving the old ones (/v1/models keeps the old
-                # hash, so `llamaray promote` reports the failure) rather than take every replica down
+                # hash, /health names the failure, `llamaray promote` reports it) rather than take every replica
+                # down — `serve status` stays RUNNING, since the replica is healthy and serving
                 log.exception("could not load %s; still serving %s", model_dir, self.slot.info.model_dir)
+                self._reload = {"model_dir": model_dir, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
                 return
             new = _Slot(engine, codec, engine.model_info())
             old, self.slot = self.slot, new
+            self._reload = {"model_dir": model_dir, "ok": True, "error": None}
             log.info("serving %s (hash %s, engine %s)", model_dir, new.info.hash, new.info.engine)
         if old is not None:
             asyncio.get_running_loop().create_task(self._retire(old))
@@ -294,7 +306,7 @@ class LLMServer:
             return JSONResponse({"status": "starting"}, status_code=503)
         h = await self.slot.engine.health()
         return JSONResponse({"status": "ok" if h.ok else "unhealthy", "engine": h.engine, "detail": h.detail,
-                             "hash": self.slot.info.hash, "ongoing": self._ongoing},
+                             "hash": self.slot.info.hash, "ongoing": self._ongoing, "last_reload": self._reload},
                             status_code=200 if h.ok else 503)
 
     @app.get("/v1/models")
