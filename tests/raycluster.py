@@ -63,6 +63,10 @@ class LocalCluster:
         token.write_text(uuid.uuid4().hex)
         self.port = free_port()
         self.dashboard_port = free_port()
+        # each node its own Ray temp dir, as each machine of a real cluster has: nodes sharing one session dir share
+        # runtime_resources/, and one node's runtime-env agent then deletes a working-dir package that a job on
+        # another node runs in. Short paths: Ray's unix sockets live under it (~107-character limit).
+        self.temp_root = Path(f"/tmp/lrc-{self.port}")
         self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
         self._node_env = {**os.environ, **self.env, **(env or {}), "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
                           "RAY_USAGE_STATS_ENABLED": "0",
@@ -88,7 +92,8 @@ class LocalCluster:
                "--num-gpus=0", f"--resources={json.dumps(resources)}", "--disable-usage-stats",
                f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+               f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+               f"--temp-dir={self.temp_root / name}"]
         if head:
             cmd += ["--head", f"--port={self.port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"]
@@ -103,7 +108,7 @@ class LocalCluster:
                                 env={**self._node_env, **(env or {})})
         node = Node(name, proc, log, num_cpus, resources)
         self.nodes.append(node)
-        self._wait_for(lambda: self._alive_names().count(name) >= 1, f"node {name} to join", node, 90)
+        self._wait_for(lambda: self._alive_names().count(name) >= 1, f"node {name} to join", node, 180)
         return node
 
     def add_node(self, name: str, *, num_cpus: int = 1, private: Path | None = None,
@@ -135,7 +140,7 @@ class LocalCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if node is not None and not node.alive:
-                raise RuntimeError(f"{what}: the process exited; log:\n{node.log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what}: the process exited; log:\n{node.log.read_text()[-8000:]}")
             if cond():
                 return
             time.sleep(1.0)
@@ -198,8 +203,8 @@ class LocalCluster:
                 node.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        # `ray start --head` leaves its address in /tmp/ray/ray_current_cluster and a killed head does not remove it:
-        # a later plain ray.init() would try to join the dead cluster instead of starting a local one
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{self.port}"):
-            current.unlink(missing_ok=True)
+        shutil.rmtree(self.temp_root, ignore_errors=True)
+
+    def package_dirs(self) -> list[Path]:
+        """The unpacked ``--working-dir`` packages of submitted jobs, on every node."""
+        return list(self.temp_root.glob("*/session_*/runtime_resources/working_dir_files/_ray_pkg_*"))

