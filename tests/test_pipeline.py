@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1500)]
+pytestmark = pytest.mark.timeout(300)
 
 SMALL = ["tasks.sft_rows=600", "tasks.rs_prompts=64", "tasks.heldout=32",
          "pretrain.train.max_steps=20", "pretrain.run.ckpt_every=0", "pretrain.run.eval_every=0",
