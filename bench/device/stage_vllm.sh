@@ -19,21 +19,21 @@
 #     Image versions that vLLM's metadata constrains and that are known (transformers 5.17.0, tokenizers 0.23.2,
 #     huggingface-hub 1.33.0, safetensors 0.8.0, sentencepiece 0.2.2, tiktoken 0.14.0, triton 3.6.0) are pinned as
 #     constraints so the resolve proves they are accepted; restore runs a requirement check over the combined path.
-#   * $LEAVE_OUT, 506 MB that a bf16 Llama on Hopper never loads (vllm 0.20.2's source, read):
+#   * $LEAVE_OUT, 461 MB that a bf16 Llama on Hopper never loads (vllm 0.20.2's source, read; the bench ran without):
 #       flashinfer-cubin 295 MB   prebuilt FlashInfer kernels; the FLASH_ATTN backend (FA3 on Hopper) and plain
 #                                 temperature sampling (no top-k/top-p → no FlashInfer sampler) use none
 #       nvidia-cutlass-dsl-libs-cu12 92 MB   CuTe-DSL runtime, imported only by vllm_flash_attn/cute (FA4, Blackwell)
 #       tilelang 45 MB + z3-solver 29 MB     imported only by layers/mhc.py (DeepSeek-V4)
-#       xgrammar 45 MB            structured outputs; a LazyLoader, imported on the first guided-decoding request
-#     Put xgrammar back (LEAVE_OUT="flashinfer-cubin nvidia-cutlass-dsl-libs-cu12 tilelang z3-solver") for
-#     response_format / guided decoding: one part more.
+#     xgrammar (45 MB) must travel: it sits behind a LazyLoader, but XgrammarGrammar's dataclass annotations touch
+#     it when vllm.v1.structured_output is imported, i.e. at every LLM() start (ModuleNotFoundError without it,
+#     seen on the H200 2026-12-02).
 # Parts are 58 MiB so that a part, the working tree (~4 MB) and SHA256SUMS stay under the 64 MiB of one call.
 # Why pip's --dry-run report: pip evaluates environment markers with the interpreter that runs it (3.11 here), so
 # `setuptools<81; python_version > "3.11"` is added by hand as a constraint.
 set -euo pipefail
 VLLM_VERSION="${VLLM_VERSION:-0.20.2}"
 PART_MIB="${PART_MIB:-58}"
-LEAVE_OUT="${LEAVE_OUT:-flashinfer-cubin nvidia-cutlass-dsl-libs-cu12 tilelang z3-solver xgrammar}"
+LEAVE_OUT="${LEAVE_OUT:-flashinfer-cubin nvidia-cutlass-dsl-libs-cu12 tilelang z3-solver}"
 out=.device/vllm
 work="${WORK:-$(mktemp -d)}"
 rm -rf "$work/whl"; mkdir -p "$out" "$work/stubs" "$work/whl"
