@@ -16,8 +16,9 @@ On a GPU cluster: ``ray job submit --address … --working-dir . -- python -m jo
 --set proxy_location=EveryNode --set scaling.max_replicas=8`` (or ``serve deploy serve_config.yaml``, see that file).
 
 Settings: ``host`` (127.0.0.1 unless you set it: exposing the port is a decision), ``port``, ``proxy_location``
-(HeadOnly unless EveryNode), ``request_timeout_s`` (Serve answers 408 after it), ``llm.*`` (engine, API key, limits; see ``actors/server.py::LLMConfig``), ``scaling.*``
-(replicas, autoscaling, back-pressure). The API key is read from ``LLAMARAY_API_KEY`` when ``llm.api_key`` is unset.
+(HeadOnly unless EveryNode), ``request_timeout_s`` (Serve answers 408 after it), ``llm.*`` (engine, API key,
+limits; see ``actors/server.py::LLMConfig``), ``scaling.*`` (replicas, autoscaling, back-pressure). The API key
+is read from ``LLAMARAY_API_KEY`` when ``llm.api_key`` is unset.
 Ray's token authentication stays on (Ray 2.60's default); this job never turns it off.
 The job blocks until Ctrl-C (``--set detach=true`` returns once the app is running and leaves it up).
 What it leaves out: TLS (terminate it in front of Serve), logprobs, tools, penalties (refused with 400).
