@@ -149,7 +149,7 @@ class PipelineConfig:
 
     @property
     def dir(self) -> Path:
-        return storage_dir(self.storage) / self.name
+        return storage_dir(self.storage, "storage", job="pipeline") / self.name
 
     def _stage(self, stage: str, base: dict, over: dict):
         from jobs.dpo import DpoConfig
