@@ -342,7 +342,7 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
     if pool is None:
         check_out(cfg)  # (a caller's pool was made by make_pool, which checked)
     out = Output(cfg)
-    print(f"llamaray: output directory {out.dir}", file=sys.stderr, flush=True)
+    print(f"llamaray: output directory {out.store.location()}", file=sys.stderr, flush=True)
     prompts = read_prompts(cfg.sources)
     done = out.done_ids()
     todo = [p for p in prompts if p.id not in done]
