@@ -134,7 +134,7 @@ def storage_dir(storage: str | Path, what: str = "run.storage", job: str = "") -
 
 
 def check_uri(uri: str, what: str = "run.storage") -> str:
-    """``uri`` without a trailing slash if its scheme is an object store pyarrow knows (no network); else ConfigError."""
+    """``uri`` without a trailing slash if pyarrow knows its object-store scheme, else ConfigError (no network)."""
     parts = urlsplit(str(uri).strip())
     if parts.scheme not in URI_SCHEMES:
         raise ConfigError(f"{what}={uri!r}: unknown storage scheme {parts.scheme + '://'!r}; give a path, a file:// "
