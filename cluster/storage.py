@@ -238,7 +238,7 @@ class RunStore:
         try:
             with fs.open_input_stream(path) as f:
                 return f.read().decode()
-        except (FileNotFoundError, OSError):
+        except OSError:  # FileNotFoundError included
             return None
 
     def upload(self, *paths: str | Path | None) -> None:

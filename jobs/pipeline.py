@@ -113,7 +113,8 @@ class PipelineConfig:
     name: str = "pipeline-tiny"
     """Run directory name under ``storage``; rerunning with the same name resumes every stage."""
     storage: str = "runs"
-    """Parent directory of runs."""
+    """Parent directory of runs: a path every node sees. Not an object-store URI (refused): each stage reads the
+    previous one's outputs as local files (SFT's init, RS's model, DPO's rows); run the stages one by one for that."""
     stages: list[Stage] = field(default_factory=lambda: ["pretrain", "sft", "rs", "dpo"])
     """Stages to run, in lifecycle order; a skipped stage's output from an earlier run is reused."""
     tasks: TaskData = field(default_factory=TaskData)
