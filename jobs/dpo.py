@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from jobs.pretrain import RunSettings, ScalingSettings
-from jobs.sft import LoraSettings, SftData, answer_logprobs, render_start, run_job, train_finetune
+from jobs.sft import (LoraSettings, SftData, answer_logprobs, render_start, require_local_inputs, run_job,
+                      train_finetune)
 from jobs.train_loop import TrainConfig
 from model.llama import ConfigError, ModelArgs
 
@@ -77,6 +78,7 @@ class DpoConfig:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not self.nll_weight >= 0:
             raise ConfigError(f"nll_weight must be >= 0, got {self.nll_weight}")
+        require_local_inputs(self, "dpo")
         self.train.grad_accum(self.scaling.num_workers)
 
 

@@ -8,11 +8,13 @@ The driver's progress bar polls the same CSV (``CsvProgress``).
 from __future__ import annotations
 
 import csv
+import functools
+import io
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb", "val_loss", "val_ppl",
           "consumed", "world_size", "time"]
@@ -91,6 +93,11 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def parse_csv(text: str | None) -> list[dict[str, str]]:
+    """The rows of a metrics CSV given as text (None: no file yet)."""
+    return list(csv.DictReader(io.StringIO(text, newline=""))) if text else []
+
+
 def _floats(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float]]:
     xs, ys = [], []
     for r in rows:
@@ -139,17 +146,19 @@ def write_report(metrics_dir: str | Path, *, extra: dict[str, Any] | None = None
 
 class CsvProgress:
     """A tqdm bar on the driver that follows rank 0's CSV (Ray Train callbacks run in the controller actor,
-    not in the driver, so the driver polls the file instead)."""
+    not in the driver, so the driver polls the file instead). ``source``: the CSV's path, or a function returning
+    its text (a run on object storage: the copy rank 0 uploads at each evaluation and checkpoint)."""
 
-    def __init__(self, csv_path: str | Path, total: int, *, start: int = 0, desc: str = "train") -> None:
+    def __init__(self, source: str | Path | Callable[[], str | None], total: int, *, start: int = 0,
+                 desc: str = "train") -> None:
         from tqdm import tqdm
 
-        self.path = Path(csv_path)
+        self.read = (lambda: parse_csv(source())) if callable(source) else functools.partial(read_csv, source)
         self.bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
         self.seen = start
 
     def poll(self) -> None:
-        rows = read_csv(self.path)
+        rows = self.read()
         if not rows:
             return
         last = rows[-1]

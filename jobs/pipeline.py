@@ -113,7 +113,9 @@ class PipelineConfig:
     name: str = "pipeline-tiny"
     """Run directory name under ``storage``; rerunning with the same name resumes every stage."""
     storage: str = "runs"
-    """Parent directory of runs."""
+    """Parent directory of runs: a path every node sees. Not an object-store URI (refused): each stage reads the
+    previous one's outputs as local files (SFT's init, RS's model, DPO's rows). With a bucket, run the jobs one by
+    one and give each a local copy of what the previous one stored."""
     stages: list[Stage] = field(default_factory=lambda: ["pretrain", "sft", "rs", "dpo"])
     """Stages to run, in lifecycle order; a skipped stage's output from an earlier run is reused."""
     tasks: TaskData = field(default_factory=TaskData)
@@ -149,7 +151,7 @@ class PipelineConfig:
 
     @property
     def dir(self) -> Path:
-        return storage_dir(self.storage) / self.name
+        return storage_dir(self.storage, "storage", job="pipeline") / self.name
 
     def _stage(self, stage: str, base: dict, over: dict):
         from jobs.dpo import DpoConfig

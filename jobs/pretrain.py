@@ -16,13 +16,19 @@ Outputs under ``<storage>/<name>/``: DCP checkpoints ``checkpoint_*``
 (Ray Train keeps ``run.keep_checkpoints``), ``metrics/`` (metrics.csv, TensorBoard events, report.md, loss.png),
 ``hf/`` (HF Llama export that vLLM/transformers load).
 
+Storage: ``run.storage`` is a path (a shared mount on a multi-node cluster) or an object-store URI
+(``--set run.storage=s3://bucket/runs``): then every output above lands under ``s3://bucket/runs/<name>/``, written
+from whichever node does the work — checkpoints by Ray Train, the prepared data by the driver (the Train workers
+read the training split straight from the bucket), metrics/report/export by rank 0 — through a staging copy on each
+node (cluster/storage.py says what moves when).
+
 Resume: a worker death restarts the worker group from the latest checkpoint (``run.max_failures`` times); a dead
-driver is resumed by rerunning the same command (same ``run.name`` and ``run.storage``), on any number of workers.
+driver is resumed by rerunning the same command (same ``run.name`` and ``run.storage``), on any number of workers
+and on any machine when the storage is a URI (the data, metrics and checkpoint come back from it).
 The data position comes back too: the checkpoint stores which rows of the epoch are done and the restarted workers
 skip them, so only the steps after the checkpoint are repeated; an epoch may drop its last < batch_size rows (plus
 N mod workers rows that Ray's equal split leaves out).
-Leaves out: multi-node shared storage for the prepared data (``run.storage`` must be visible to every worker:
-local disk on one machine, NFS on a cluster), tensor/pipeline parallelism, sequence packing masks (documents are
+Leaves out: tensor/pipeline parallelism, sequence packing masks (documents are
 packed back to back, separated by EOS, attending across boundaries like GPT-2/LLaMA pretraining).
 """
 
@@ -37,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.storage import storage_dir
+from cluster.storage import RunStore, check_uri, is_uri, resolve
 from corpus.config import DataConfig
 from jobs.config import job_arg_parser, load_config, to_dict
 from jobs.data_stream import StreamRows
@@ -53,10 +59,14 @@ class RunSettings:
     name: str = "pretrain-tiny"
     """Run name: the directory under ``storage``; rerunning with the same name resumes."""
     storage: str = "runs"
-    """Parent directory of runs: a path or ``file://`` URI that every worker can read (on a multi-node cluster a
-    node-local path is refused before any worker starts). Relative paths are relative to the current directory,
-    except in a job started by ``ray job submit --working-dir``: there they resolve against $LLAMARAY_STORAGE (or
-    ~/llamaray), never inside Ray's temporary copy of the working dir (cluster/storage.py)."""
+    """Parent of run directories: a path, a ``file://`` URI, or an object-store URI (``s3://bucket/runs``,
+    ``gs://…``; pyarrow options in the query, e.g. ``?endpoint_override=host:9000&scheme=http`` for MinIO;
+    credentials from the environment). A path must be one every worker sees (on a multi-node cluster a node-local
+    path is refused before any worker starts); relative paths are relative to the current directory, except in a job
+    started by ``ray job submit --working-dir``: there they resolve against $LLAMARAY_STORAGE (or ~/llamaray), never
+    inside Ray's temporary copy of the working dir. A URI must be writable from every node (probed before any worker
+    starts); each node stages its files under $LLAMARAY_STAGING (~/.cache/llamaray/staging) and the run's outputs,
+    checkpoints included, end up under the URI, from which a rerun resumes on any machine (cluster/storage.py)."""
     ckpt_every: int = 50
     """Checkpoint every this many optimizer steps (and always at the end); 0 = only at the end."""
     eval_every: int = 50
@@ -79,6 +89,8 @@ class RunSettings:
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"run.name must be a plain directory name, got {self.name!r}")
+        if is_uri(self.storage):
+            check_uri(self.storage)  # the scheme and bucket are named (no network: the preflight probes it)
         for k in ("ckpt_every", "eval_every", "max_failures", "fail_at_step"):
             if getattr(self, k) < 0:
                 raise ConfigError(f"run.{k} must be >= 0, got {getattr(self, k)}")
@@ -148,8 +160,14 @@ class PretrainConfig:
         self.train.grad_accum(self.scaling.num_workers)  # batch_size divisible by micro × workers
 
 
+def run_store(run: RunSettings) -> RunStore:
+    """The run directory ``<storage>/<name>`` (pretrain, SFT and DPO)."""
+    return RunStore.open(run.storage, run.name)
+
+
 def run_dir(cfg: PretrainConfig) -> Path:
-    return storage_dir(cfg.run.storage) / cfg.run.name
+    """The run directory as this process writes it: the directory itself, or its staging copy for a URI."""
+    return run_store(cfg.run).local
 
 
 def _train_fn(config: dict[str, Any]) -> None:
@@ -164,10 +182,10 @@ def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
     from cluster.connect import check_resources, connect
     from cluster.storage import check_shared
 
+    store = run_store(run)
     connect(run.address or None)
-    rd = storage_dir(run.storage) / run.name
-    check_shared(rd.parent)
-    print(f"llamaray: run directory {rd}", file=sys.stderr, flush=True)
+    check_shared(store.uri or store.local.parent)  # a URI: writable from here and readable from every node
+    print(f"llamaray: run directory {store.location()}", file=sys.stderr, flush=True)
     check_resources(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, cpus_per_worker=scaling.cpus_per_worker,
                     gpus_per_worker=scaling.gpus_per_worker, timeout_s=scaling.autoscale_timeout_s)
 
@@ -186,7 +204,9 @@ def prepare_data(cfg: PretrainConfig) -> tuple[Any, str]:
     from model.hf import check_tokenizer_fits
     from model.tokenizer import load_tokenizer
 
-    data_dir = run_dir(cfg) / "data"
+    store = run_store(cfg.run)
+    store.download("data")  # a URI run resumed on a fresh disk: its prepared data is reused, not redone
+    data_dir = store.local / "data"
     tok_dir = ensure_tokenizer(cfg.data, data_dir, vocab_size=cfg.model.vocab_size)
     tok = load_tokenizer(tok_dir)
     try:
@@ -204,11 +224,13 @@ def _make_source(path: str):
 def _read_shard(batch: dict[str, Any]) -> Any:
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(batch["path"][0]), columns=["idx", "tokens"])
+    fs, path = resolve(str(batch["path"][0]))  # a local path, or a URI read from any node
+    return pq.read_table(path, filesystem=fs, columns=["idx", "tokens"])
 
 
-def train_dataset(train_dir: str | Path) -> Any:
+def train_dataset(shards: str | Path | list[str]) -> Any:
     """The packed training split as a Ray Dataset of rows {idx, tokens}: one block per parquet shard, in file order.
+    ``shards``: the split's directory, or its shard files (paths or URIs: ``RunStore.files``).
 
     Read by zero-CPU tasks over the file list rather than ``ray.data.read_parquet``: the Train workers may hold every
     CPU (2 workers × 1 CPU on 2 cores), and read_parquet's file-listing stage asks for a whole CPU, so it would never
@@ -218,7 +240,11 @@ def train_dataset(train_dir: str | Path) -> Any:
 
     from corpus.pipeline import shard_files
 
-    files = ray.data.from_items([{"path": f} for f in shard_files(Path(train_dir))])
+    if not isinstance(shards, list):
+        shards = shard_files(Path(shards))
+    elif not shards:
+        raise FileNotFoundError("no part-*.parquet shards in the training split (run corpus.pipeline.prepare first)")
+    files = ray.data.from_items([{"path": f} for f in shards])
     return files.map_batches(_read_shard, batch_size=1, num_cpus=0)
 
 
@@ -232,9 +258,9 @@ def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from jobs.metrics import CsvProgress, read_csv
+    from jobs.metrics import CsvProgress, parse_csv
 
-    rd = storage_dir(run.storage) / run.name
+    store = spec.store or run_store(run)
     # Ray Train replaces each dataset's execution options with these; preserve_order keeps the split deterministic
     data_config = ray.train.DataConfig(datasets_to_split=list(datasets), execution_options=ExecutionOptions(
         preserve_order=True)) if datasets else None
@@ -243,15 +269,15 @@ def fit_on_ray(spec: LoopSpec, run: RunSettings, scaling: ScalingSettings,
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=scaling.resources_per_worker()),
         run_config=ray.train.RunConfig(
-            name=run.name, storage_path=str(rd.parent),
+            name=run.name, storage_path=store.ray_storage_path(),  # a URI: Ray Train's own pyarrow filesystem
             failure_config=ray.train.FailureConfig(max_failures=run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=run.keep_checkpoints)))
     stop = threading.Event()
     bar_thread = None
     if run.progress:
-        csv_path = rd / "metrics" / "metrics.csv"
-        rows = read_csv(csv_path)
-        bar = CsvProgress(csv_path, spec.train.max_steps, start=int(rows[-1]["step"]) if rows else 0,
+        read = functools.partial(store.read_text, "metrics/metrics.csv")  # a URI: rank 0's uploaded copy
+        rows = parse_csv(read())
+        bar = CsvProgress(read, spec.train.max_steps, start=int(rows[-1]["step"]) if rows else 0,
                           desc=spec.objective.name)
 
         def follow() -> None:
@@ -279,9 +305,11 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if prepared.num_train < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is above the {prepared.num_train} training "
                           f"sequences the corpus packs into")
-    rd = run_dir(cfg)
+    store = run_store(cfg.run)
+    rd = store.local
     rd.mkdir(parents=True, exist_ok=True)
     (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    store.upload("data", "config.json")  # a URI run: before any worker starts, which reads them from there
     spec = LoopSpec(
         model_args=cfg.model, train=cfg.train,
         make_train_source=functools.partial(
@@ -292,12 +320,20 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         export_dir=str(rd / "hf") if cfg.run.export else None, tokenizer_dir=tok_dir,
         fail_at_step=cfg.run.fail_at_step, objective=PretrainObjective(fused_lm_loss),
         extra_report={"train_sequences": prepared.num_train, "val_sequences": prepared.num_val,
-                      "seq_len": prepared.seq_len})
-    result = fit_on_ray(spec, cfg.run, cfg.scaling, datasets={"train": train_dataset(prepared.train_dir)})
-    return {"run_dir": str(rd), "metrics": result.metrics,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "export": str(rd / "hf") if cfg.run.export else None, "tokenizer": tok_dir,
-            "report": str(rd / "metrics" / "report.md")}
+                      "seq_len": prepared.seq_len},
+        store=store, inputs=(tok_dir, str(prepared.val_dir)))
+    result = fit_on_ray(spec, cfg.run, cfg.scaling,
+                        datasets={"train": train_dataset(store.files("data/train", "part-*.parquet"))})
+    return {"run_dir": store.location(), "metrics": result.metrics, "checkpoint": checkpoint_location(result, store),
+            "export": store.location("hf") if cfg.run.export else None, "tokenizer": store.location_of(tok_dir),
+            "report": store.location("metrics/report.md")}
+
+
+def checkpoint_location(result: Any, store: RunStore) -> str | None:
+    """The latest checkpoint of a Ray Train result, as the user names it (a local path, or a URI)."""
+    if result.checkpoint is None:
+        return None
+    return store.location(Path(result.checkpoint.path).name) if store.uri else result.checkpoint.path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def promote(cfg, *, engine_cls: type | None = None, settle_s: float = 120.0) -> 
     """Redeploy ``cfg`` (whose ``model`` is the new directory); returns the new hash once the server reports it."""
     from actors.engine import model_hash
 
-    new_dir = check_model_dir(cfg.model)
+    new_dir = check_model_dir(cfg.model, "promote")
     want = model_hash(new_dir)
     url = deploy(cfg, engine_cls=engine_cls)
     key = with_api_key(cfg).llm.api_key

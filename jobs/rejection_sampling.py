@@ -16,6 +16,12 @@ Output directory:
 Exactly once: prompt ids already present in finished shards are skipped on a rerun; every shard is renamed into place
 atomically, so a kill at any moment leaves only whole shards. Lineage: every row carries the prompt id, round, model
 hash and scorer.
+
+``out`` may be an object-store URI (``--set out=s3://bucket/rs/round1``): the driver writes every file above (the
+rollout actors only return rows), so it keeps a staging copy (cluster/storage.RunStore) and uploads each shard as
+soon as it is renamed into place (an object appears whole or not at all), ``metrics.csv`` with it, and the selected
+files before ``manifest.json``. A rerun, on any machine, first downloads what is there and skips those prompts.
+``model`` and the prompt files are read as local files (paths every node sees); a URI there is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 from actors.scorers import ScorerConfig
-from cluster.storage import storage_dir
+from cluster.storage import RunStore, check_uri, is_uri, require_path
 from jobs.config import job_arg_parser, load_config, to_dict
 from model.llama import ConfigError
 
@@ -96,7 +102,8 @@ class RSConfig:
     model: str = ""
     """HF-format directory of the policy (our export or an import)."""
     out: str = "runs/rs"
-    """Output directory (created; rerunning with the same one resumes)."""
+    """Output directory (created; rerunning with the same one resumes): a path, or an object-store URI
+    (``s3://bucket/rs/round1``; see the module docstring)."""
     sources: list[PromptSource] = field(default_factory=list)
     """Prompt files and their scorers."""
     round: int = 1
@@ -121,6 +128,11 @@ class RSConfig:
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("rs: `model` (an HF-format directory) is required")
+        require_path(self.model, "model", "rs")
+        for s in self.sources:
+            require_path(s.path, "sources.path", "rs")
+        if is_uri(self.out):
+            check_uri(self.out, "out")
         if not (Path(self.model) / "config.json").exists():
             raise ConfigError(f"rs: model {self.model!r} is not an HF-format directory (no config.json)")
         if not self.sources:
@@ -190,7 +202,9 @@ class Output:
     """The output directory: config guard, atomic shards, the done set."""
 
     def __init__(self, cfg: RSConfig):
-        self.dir = storage_dir(cfg.out, "out")
+        self.store = RunStore.open(cfg.out, what="out")
+        self.store.download()  # a URI: what an earlier run (on any machine) finished
+        self.dir = self.store.local
         self.shards = self.dir / "shards"
         self.shards.mkdir(parents=True, exist_ok=True)
         for stale in self.shards.glob(".part-*.tmp"):  # a shard being written when the last run was killed
@@ -206,6 +220,7 @@ class Output:
                                   f"directory or restore the config — refusing to mix rows")
         else:
             atomic_write(cfg_file, json.dumps(want, indent=2))
+            self.store.upload(cfg_file)
 
     def done_ids(self) -> set[str]:
         import pyarrow.parquet as pq
@@ -223,6 +238,7 @@ class Output:
         tmp = self.shards / f".{name}.tmp"
         pq.write_table(pa.Table.from_pylist(rows), tmp)
         os.replace(tmp, self.shards / name)  # atomic: a shard is whole or absent
+        self.store.upload(self.shards / name)  # a URI: one PUT, so the stored shard is whole or absent too
         return self.shards / name
 
     def all_rows(self) -> list[dict]:
@@ -285,14 +301,22 @@ def choose_engine(cfg: RSConfig):
     return default_engine_cls()
 
 
-def make_pool(cfg: RSConfig):
-    """The rollout actors for ``cfg`` (the rounds job keeps one pool alive across rounds)."""
-    from actors.rollout import RolloutPool
+def check_out(cfg: RSConfig) -> None:
+    """Connect to the cluster and refuse an ``out`` that some node cannot reach (a node-local path on several nodes;
+    a URI that cannot be written: no bucket, no credentials) — before anything is written or started."""
     from cluster.connect import connect
     from cluster.storage import check_shared
 
     connect(cfg.ray_address or None)
-    check_shared(storage_dir(cfg.out, "out"), "out")  # every actor's node must see the output (multi-node)
+    store = RunStore.open(cfg.out, what="out")
+    check_shared(store.uri or store.local, "out")
+
+
+def make_pool(cfg: RSConfig):
+    """The rollout actors for ``cfg`` (the rounds job keeps one pool alive across rounds)."""
+    from actors.rollout import RolloutPool
+
+    check_out(cfg)
     engine_cls = choose_engine(cfg)
     engine_opts = {"seed": cfg.seed}
     if engine_cls.name == "vllm":
@@ -315,8 +339,10 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
     from actors.rollout import PromptItem, RolloutParams, model_hash
     from actors.scorers import ScorerActor, score_with_verifier
 
+    if pool is None:
+        check_out(cfg)  # (a caller's pool was made by make_pool, which checked)
     out = Output(cfg)
-    print(f"llamaray: output directory {out.dir}", file=sys.stderr, flush=True)
+    print(f"llamaray: output directory {out.store.location()}", file=sys.stderr, flush=True)
     prompts = read_prompts(cfg.sources)
     done = out.done_ids()
     todo = [p for p in prompts if p.id not in done]
@@ -379,6 +405,7 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
                                  stats["tokens"], f"{(stats['prompts_done'] - len(done)) / elapsed:.3f}",
                                  f"{stats['candidates'] / elapsed:.3f}"])
                 mf.flush()
+                out.store.upload(metrics_path)
         bar.close()
         if own_pool:
             pool.shutdown()
@@ -415,7 +442,10 @@ def finish(cfg: RSConfig, out: Output, prompts: list[Prompt], m_hash: str, engin
         "shards": sorted(f.name for f in out.shards.glob("part-*.parquet")),
     }
     report(out.dir, rows, per_task)
+    out.store.upload("config.json", "shards", "metrics.csv", "sft.jsonl", "dpo.jsonl", "failed.jsonl", "all.jsonl",
+                     "report.png")  # a URI: everything before the manifest, which says "finished"
     atomic_write(out.dir / "manifest.json", json.dumps(manifest, indent=2))
+    out.store.upload("manifest.json")
     return manifest
 
 
@@ -442,10 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(RSConfig, args.config, args.overrides)
+        manifest = run(cfg)
     except ConfigError as e:
         print(f"llamaray rs: {e}", file=sys.stderr)
         return 2
-    manifest = run(cfg)
     print(json.dumps({k: manifest[k] for k in ("prompts", "sft_rows", "dpo_rows", "failed", "tokens_generated")}))
     return 0
 

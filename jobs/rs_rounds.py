@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from actors.scorers import ScorerConfig
-from cluster.storage import storage_dir
+from cluster.storage import require_path, storage_dir
 from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
 from jobs.rejection_sampling import PoolConfig, PromptSource, RSConfig, SelectionConfig, atomic_write
 from jobs.sft import SftConfig
@@ -69,6 +69,8 @@ class RoundsConfig:
         for name in ("policy", "prompts", "heldout"):
             if not getattr(self, name):
                 raise ConfigError(f"rs-rounds: `{name}` is required")
+        for name in ("out", "policy", "prompts", "heldout", "replay"):
+            require_path(getattr(self, name), name, "rs-rounds")  # each round's SFT init is the last round's export
         if not (Path(self.policy) / "config.json").exists():
             raise ConfigError(f"rs-rounds: policy {self.policy!r} is not an HF-format directory (no config.json)")
         if self.replay and not Path(self.replay).exists():
@@ -114,7 +116,7 @@ def run(cfg: RoundsConfig) -> dict:
     from jobs.rejection_sampling import run as rs_run
     from jobs.sft import sft
 
-    out = storage_dir(cfg.out, "out")
+    out = storage_dir(cfg.out, "out", job="rs-rounds")
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "rounds.json"
     state = json.loads(state_file.read_text()) if state_file.exists() else {"policy": cfg.policy, "rounds": []}

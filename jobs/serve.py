@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from actors.server import LLMConfig, ScalingConfig
+from cluster.storage import require_path
 from jobs.config import job_arg_parser, load_config
 from model.llama import ConfigError
 
@@ -79,10 +80,11 @@ class ServeJobConfig:
             raise ConfigError(f"route_prefix must start with '/', got {self.route_prefix!r}")
 
 
-def check_model_dir(model: str | os.PathLike) -> Path:
+def check_model_dir(model: str | os.PathLike, job: str = "serve") -> Path:
     """A clear error before any deployment when the directory is not an HF checkpoint we can serve."""
     if not str(model):
         raise ConfigError("no model: pass --model DIR (an HF-format checkpoint directory)")
+    require_path(model, "--model", job)  # every replica loads the directory from its own node's disk
     d = Path(model)
     if not d.is_dir():
         raise ConfigError(f"--model {d}: not a directory")

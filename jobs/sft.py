@@ -19,13 +19,16 @@ resources) — before any worker starts; rows are rendered with the tokenizer's 
 held-out split and the task metric (greedy generation on ``eval.prompts`` held-out prompts, scored by the numeric
 verifier or exact match) → ``<run>/metrics/eval.jsonl``, TensorBoard, report.
 Outputs under ``<run>``: DCP checkpoints (resume: rerun the same command), ``metrics/``, ``hf/`` (merged HF weights
-that vLLM loads), ``adapter/`` (``adapter.safetensors`` + ``adapter_config.json``, LoRA only).
+that vLLM loads), ``adapter/`` (``adapter.safetensors`` + ``adapter_config.json``, LoRA only). ``run.storage`` may be
+an object-store URI as for pretraining (``s3://bucket/runs``: everything above, ``data/`` and ``init/`` included,
+lands there and a rerun anywhere resumes from it); ``init``, ``tokenizer`` and the data files are read as local files
+(paths every node sees), so a URI there is refused with what to do.
 
 Training runs jobs/train_loop.run_worker, the loop pretraining uses, with ``FinetuneObjective`` (SFT and DPO): it
 starts from ``init`` and adds LoRA before sharding, returns DPO statistics with the loss, adds the task metric to
 validation and exports merged weights plus the adapter.
 Leaves out: sequence packing (rows are right-padded per micro-batch), loading ``init`` straight into shards (each
-worker reads the full HF weights, fine up to a few B parameters), multi-node storage for ``<run>/data``.
+worker reads the full HF weights, fine up to a few B parameters), ``init``/data straight from a bucket.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cluster.storage import storage_dir
+from cluster.storage import RunStore, require_path
 from jobs.config import job_arg_parser, load_config, to_dict
-from jobs.pretrain import RunSettings, ScalingSettings, check_cluster, fit_on_ray
+from jobs.pretrain import RunSettings, ScalingSettings, check_cluster, checkpoint_location, fit_on_ray, run_store
 from jobs.train_loop import LoopSpec, TrainConfig, Worker
 from model.llama import ConfigError, ModelArgs
 from model.lora import LoraConfig
@@ -150,6 +153,7 @@ class SftConfig:
             raise ConfigError("data.train: no training file given (set data.train=FILE)")
         if not self.init and not self.tokenizer:
             raise ConfigError("tokenizer: with no init weights, name a tokenizer directory (tokenizer=DIR)")
+        require_local_inputs(self, "sft")
         self.train.grad_accum(self.scaling.num_workers)
 
 
@@ -327,7 +331,15 @@ def save_adapter(adapter: dict[str, Tensor], out_dir: str | Path, meta: dict[str
 
 
 def run_dir(run: RunSettings) -> Path:
-    return storage_dir(run.storage) / run.name
+    """The run directory as this process writes it (a URI run: its staging copy)."""
+    return run_store(run).local
+
+
+def require_local_inputs(cfg: Any, job: str) -> None:
+    """ConfigError for an object-store URI where a fine-tuning job reads local files (init, tokenizer, data)."""
+    for what, value in (("init", cfg.init), ("tokenizer", cfg.tokenizer), ("data.train", cfg.data.train),
+                        ("data.val", cfg.data.val)):
+        require_path(value, what, job)
 
 
 def resolve_init(init: str, rd: Path, tokenizer: str = "") -> str | None:
@@ -429,6 +441,7 @@ class Start:
     """What SFT and DPO share before their data differ: weights, tokenizer, rendered splits."""
 
     rd: Path
+    """The run directory as the driver writes it (``store.local``)."""
     init_dir: str | None
     args: ModelArgs
     tok: Any
@@ -436,6 +449,8 @@ class Start:
     val_rows: list[Any]
     train: Any
     val: Any
+    store: RunStore
+    """The run directory (a path, or a URI with ``rd`` as its staging copy)."""
 
 
 def render_start(init: str, tokenizer: str, model: ModelArgs, data: SftData, run: RunSettings,
@@ -444,7 +459,9 @@ def render_start(init: str, tokenizer: str, model: ModelArgs, data: SftData, run
     no usable ``what``, and check the cluster — everything before any worker starts."""
     from jobs.sft_data import render_all
 
-    rd = run_dir(run)
+    store = run_store(run)
+    rd = store.local
+    store.download("data", "init")  # a URI run resumed on a fresh disk: DPO keeps its reference figures, init stays
     init_dir, args, tok, tok_dir = start_point(init, tokenizer, model, rd)
     max_len = data.max_len or args.max_seq_len
     if max_len > args.max_seq_len:
@@ -455,7 +472,7 @@ def render_start(init: str, tokenizer: str, model: ModelArgs, data: SftData, run
     if not tr.rows:
         raise ConfigError(f"data.train: {data.train} has no usable {what} (dropped: {dict(tr.dropped)})")
     check_cluster(run, scaling)
-    return Start(rd, init_dir, args, tok, tok_dir, val_rows, tr, va)
+    return Start(rd, init_dir, args, tok, tok_dir, val_rows, tr, va, store)
 
 
 def sft(cfg: SftConfig) -> dict[str, Any]:
@@ -483,6 +500,7 @@ def train_finetune(name: Literal["sft", "dpo"], cfg: Any, st: Start, **objective
     stats = {**st.train.drop_metrics("train"), **st.val.drop_metrics("val")}
     (data / "stats.json").write_text(json.dumps(stats, indent=2))
     (st.rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+    st.store.upload("data", "init", "config.json")  # a URI run: before any worker starts, which reads them from there
     lora = cfg.lora.config() if cfg.lora.enabled else None
     obj = FinetuneObjective(name, st.init_dir, lora, adapter_meta=adapter_meta(lora, st.init_dir),
                             adapter_dir=str(st.rd / "adapter") if lora and cfg.lora.save_adapter else None, **objective)
@@ -494,11 +512,13 @@ def train_finetune(name: Literal["sft", "dpo"], cfg: Any, st: Start, **objective
         metrics_dir=str(st.rd / "metrics"),
         ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every, tokenizer_dir=st.tok_dir,
         export_dir=str(st.rd / "hf") if cfg.run.export else None, fail_at_step=cfg.run.fail_at_step,
-        extra_report={**stats, **dpo_settings})
+        extra_report={**stats, **dpo_settings}, store=st.store, inputs=(st.init_dir, st.tok_dir, str(data)))
     result = fit_on_ray(spec, cfg.run, cfg.scaling)
-    return {"run_dir": str(st.rd), "metrics": result.metrics, "data": stats,
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
-            "export": spec.export_dir, "adapter": obj.adapter_dir, "report": str(st.rd / "metrics" / "report.md")}
+    where = st.store.location_of
+    return {"run_dir": st.store.location(), "metrics": result.metrics, "data": stats,
+            "checkpoint": checkpoint_location(result, st.store),
+            "export": spec.export_dir and where(spec.export_dir), "adapter": obj.adapter_dir and where(obj.adapter_dir),
+            "report": st.store.location("metrics/report.md")}
 
 
 def adapter_meta(lora: LoraConfig | None, init_dir: str | None) -> dict[str, Any]:

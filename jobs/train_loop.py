@@ -21,6 +21,10 @@ Decisions:
 - AdamW (fused on CUDA), linear warm-up then cosine decay to ``min_lr_ratio·lr``, gradient clipping by global norm;
   only parameters that require grad are optimised and clipped (LoRA: the adapters).
 - ``ray.train.report`` is a barrier, so it is called only at checkpoint/eval steps and the end, not every step.
+- Run storage (``spec.store``, cluster/storage.RunStore): with an object-store URI every worker first downloads the
+  files it reads (``spec.inputs``) into its node's staging copy; rank 0 downloads ``metrics`` (the truth after a
+  restart on any node), uploads it before each checkpoint/eval report — so the stored CSV always reaches the latest
+  checkpoint — and uploads its whole copy (metrics, report, exports) at the end. For a path all of that is a no-op.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cluster.storage import RunStore
 from model.llama import ConfigError, ModelArgs
 
 H100_BF16_PEAK = 989e12
@@ -402,6 +407,12 @@ class LoopSpec:
     """Rank 0 writes report.md + loss.png at the end (needs matplotlib)."""
     extra_report: dict[str, Any] = field(default_factory=dict)
     """More entries for report.json / report.md."""
+    store: RunStore | None = None
+    """The run directory (cluster/storage.RunStore) that metrics_dir/export_dir/tokenizer_dir live in; for a URI the
+    workers sync their node's staging copy with it. None: plain shared paths (benchmarks)."""
+    inputs: tuple[str, ...] = ()
+    """Files or directories inside the run that every worker reads as local files (tokenizer, validation split,
+    fine-tuning rows, init weights); downloaded first when the run lives at a URI."""
 
 
 @dataclass
@@ -477,6 +488,8 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, args, obj = spec.train, spec.model_args, spec.objective
+    store = spec.store or RunStore(Path(spec.metrics_dir or "."))  # a path store: syncing does nothing
+    store.download(*spec.inputs)  # this node's copy of what the worker reads as files (a URI run)
     accum = cfg.grad_accum(world)
     w = Worker(spec, device, rank, world, load_tokenizer(spec.tokenizer_dir) if spec.tokenizer_dir else None)
 
@@ -500,6 +513,8 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     train_src.restore(state)
     val_src = spec.make_val_source() if spec.make_val_source else None
     writing = rank == 0 and spec.metrics_dir is not None
+    if writing:
+        store.download(spec.metrics_dir)  # a URI run: the stored metrics, wherever rank 0 ran before
     writer = MetricsWriter(spec.metrics_dir or ".", enabled=writing, resume_step=step)
     shard_info = torch.tensor([local], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(shard_info) for _ in range(world)]
@@ -514,6 +529,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
              "local_param_elements": shard_sizes, "full_param_elements": full, "node_ids": node_ids}))
         if step == 0:
             eval_log.unlink(missing_ok=True)
+        store.upload(spec.metrics_dir)
 
     def evaluate(at: int) -> dict[str, float]:
         ev = _evaluate(model, val_src, w)
@@ -530,6 +546,7 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         if spec.fail_at_step and step == spec.fail_at_step and rank == world - 1 and spec.metrics_dir:
             marker = Path(spec.metrics_dir, f"killed-at-{step}")
             if not marker.exists():
+                marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.touch()
                 session.settle()  # "killed after a checkpoint": let Ray finish registering the reported ones
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -566,7 +583,10 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
             writer.log(row)
         last = row
         reported = {k: v for k, v in row.items() if v is not None}
-        if (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end):
+        at_ckpt = (spec.ckpt_every and step % spec.ckpt_every == 0) or (final and spec.ckpt_at_end)
+        if writing and (at_ckpt or "val_loss" in row):
+            store.upload(spec.metrics_dir)  # before the report: stored metrics reach every stored checkpoint
+        if at_ckpt:
             state = {"step": step, "consumed": consumed, "world_size": world, "model": args.to_dict(),
                      "objective": obj.name, "data": train_src.state()}
             with tempfile.TemporaryDirectory(prefix="llamaray-ckpt-") as d:
@@ -581,6 +601,8 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
         write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": world, "export_dir": spec.export_dir,
                                               "trainable_params": trainable,
                                               **{k: v for k, v in last.items() if k.startswith("val_")}})
+    if writing:
+        store.upload()  # metrics, report, exports: everything rank 0 wrote (a URI run)
     dist.barrier()
     return {**last, "shard_sizes": shard_sizes, "full_params": full, "world_size": world,
             "resumed_from_step": resumed_from}

@@ -26,14 +26,19 @@ from tasks.arithmetic import problems
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("rs")
+def make_policy(d: Path) -> str:
+    """A tiny random-weights HF policy in ``d/model`` with a tokenizer trained on arithmetic text."""
     txt = d / "corpus.txt"
     txt.write_text("\n".join(p.prompt + " " + p.solution for p in problems(2000)))
     tok = SentencePieceTokenizer.train([txt], vocab_size=512)
-    model_dir = save_hf(build_model(ModelArgs.from_name("tiny", vocab_size=512, n_layers=2, tie_embeddings=False),
-                                    seed=0), tok, d / "model")
+    return str(save_hf(build_model(ModelArgs.from_name("tiny", vocab_size=512, n_layers=2, tie_embeddings=False),
+                                   seed=0), tok, d / "model"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rs")
+    model_dir = make_policy(d)
     prompts = d / "prompts.jsonl"
     rows = [p.to_dict() for p in problems(40, seed=7)]
     rows.append({"id": "poison-empty", "prompt": "", "reference": "1"})
@@ -42,7 +47,7 @@ def setup(tmp_path_factory):
     code_prompts = d / "code.jsonl"
     code_prompts.write_text(json.dumps({"id": "code-hang", "task": "code", "prompt": "Write f.",
                                         "reference": "while True: pass"}) + "\n")
-    return d, str(model_dir), prompts, code_prompts
+    return d, model_dir, prompts, code_prompts
 
 
 def write_config(d: Path, model_dir: str, prompts: Path, code_prompts: Path, out: Path, **extra) -> Path:
