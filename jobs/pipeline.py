@@ -272,8 +272,8 @@ def serve_step(step: ServeStep, model: str, heldout: Path) -> dict:
     except BaseException:
         undeploy(cfg.app_name)
         raise
-    served = {"endpoint": f"{url}/v1", "app": cfg.app_name, "model": model, "prompt": prompt, **reply,
-              "kept": step.keep}
+    served = {"endpoint": f"{url}/v1", "app": cfg.app_name, "prompt": prompt, **reply, "served_name": reply["model"],
+              "model": model, "kept": step.keep}
     print(f"serving {model} at {served['endpoint']} (model {reply['model']!r}, hash {reply['hash']})", file=sys.stderr)
     print(f"  user: {prompt}\n  assistant: {reply['answer']}", file=sys.stderr, flush=True)
     if not step.keep:

@@ -208,6 +208,10 @@ class LocalCluster:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if self._saved_env:  # the token loader caches the token it read: drop this cluster's, or a later local
+            from ray._raylet import AuthenticationTokenLoader  # ray.init sends it to a GCS with another token
+
+            AuthenticationTokenLoader.instance().reset_cache()
         for node in reversed(self.nodes):
             _kill_session(node.proc.pid)
         for node in self.nodes:

@@ -116,7 +116,14 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
         lines = csv.read_text().splitlines() if csv.exists() else []
         return len(lines) - 1
 
-    wait_for(lambda: last_step() >= 13 or client.get_job_status(job).is_terminal(), 400, "step 13")
+    snapshot = run / "checkpoint_manager_snapshot.json"  # Ray Train's controller writes it once a checkpoint counts
+
+    def registered() -> bool:
+        return snapshot.exists() and '"step":10' in snapshot.read_text()
+
+    # kill only once Ray Train has registered the step-10 checkpoint: a report still in a dead worker's queue is lost
+    wait_for(lambda: (last_step() >= 13 and registered()) or client.get_job_status(job).is_terminal(), 400,
+             "step 13 with the step-10 checkpoint registered")
     assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
     cl.kill_node(cl.node2)
     cl.node2 = cl.add_node("node3")
@@ -127,7 +134,7 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     assert (run / "hf" / "config.json").exists() and (run / "metrics" / "report.md").exists()
     tries = [json.loads(p.read_text()) for p in sorted((run / "metrics").glob("attempt-*.json"))]
     assert len(tries) >= 2 and tries[0]["world_size"] == 2
-    assert tries[-1]["resumed_from_step"] is not None and tries[-1]["resumed_from_step"] >= 10
+    assert tries[-1]["resumed_from_step"] is not None and tries[-1]["resumed_from_step"] >= 10, (tries, logs[-6000:])
     assert all(len(set(t["node_ids"])) == 2 for t in tries), tries  # one worker on each node, before and after
     assert tries[0]["node_ids"] != tries[-1]["node_ids"]  # the restarted group runs on the replacement node
     from jobs.metrics import read_csv

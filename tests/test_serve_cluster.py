@@ -497,7 +497,8 @@ def test_pipeline_serve_step_answers_then_stops_or_keeps_serving(tmp_path):
     dropped, kept = json.loads(proc.stdout.split("RESULT ", 1)[1])
     for out in (dropped, kept):
         assert out["endpoint"] == f"http://127.0.0.1:{port}/v1" and out["prompt"] == "What is 3 + 4?"
-        assert out["hash"] == model_hash(model) and out["completion_tokens"] >= 1 and out["model"] == "llamaray"
+        assert out["hash"] == model_hash(model) and out["completion_tokens"] >= 1
+        assert out["model"] == str(model) and out["served_name"] == "llamaray"
         assert f"at {out['endpoint']}" in proc.stderr and f"assistant: {out['answer']}" in proc.stderr
     assert dropped["kept"] is False and not dropped["still_answers"]
     assert kept["kept"] is True and kept["still_answers"] and kept["apps"] == ["llamaray"]
