@@ -231,15 +231,7 @@ class RunStore:
 
     def read_text(self, sub: str) -> str | None:
         """The file ``sub`` as text, None when it does not exist (yet)."""
-        if not self.uri:
-            f = self.local / sub
-            return f.read_text() if f.is_file() else None
-        fs, path = _fs_path(self.location(sub))
-        try:
-            with fs.open_input_stream(path) as f:
-                return f.read().decode()
-        except OSError:  # FileNotFoundError included
-            return None
+        return read_text_at(self.location(sub))
 
     def upload(self, *paths: str | Path | None) -> None:
         """Copy ``paths`` (subpaths of the run or local paths inside ``local``; none = everything) to the URI."""
@@ -311,14 +303,15 @@ class RunStore:
                 os.replace(tmp, target)  # atomic: a reader on this node sees the whole file or the old one
 
 
-def _read_marker(path: str) -> str | None:
+def read_text_at(address: str) -> str | None:
+    """The file at a local path or URI as text; None when it does not exist (or is not a readable file)."""
     try:
-        if is_uri(path):
-            fs, p = _fs_path(path)
+        if is_uri(address):
+            fs, p = _fs_path(address)
             with fs.open_input_stream(p) as f:
                 return f.read().decode()
-        return Path(path).read_text()
-    except OSError:
+        return Path(address).read_text()
+    except OSError:  # FileNotFoundError, IsADirectoryError included
         return None
 
 
@@ -379,7 +372,7 @@ def check_shared(path: str | Path, what: str = "run.storage") -> None:
                           f"and, for an S3-compatible store, the endpoint (AWS_ENDPOINT_URL or "
                           f"?endpoint_override=host:port&scheme=http)") from e
     try:
-        read = ray.remote(num_cpus=0, max_retries=0)(_read_marker)
+        read = ray.remote(num_cpus=0, max_retries=0)(read_text_at)
         refs = {n["NodeID"]: read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
                                           ).remote(marker) for n in others}
         blind = []

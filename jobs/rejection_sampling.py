@@ -313,10 +313,15 @@ def check_out(cfg: RSConfig) -> None:
 
 
 def make_pool(cfg: RSConfig):
-    """The rollout actors for ``cfg`` (the rounds job keeps one pool alive across rounds)."""
+    """The rollout actors for ``cfg``, after ``check_out`` (the rounds job keeps one pool alive across rounds)."""
+    check_out(cfg)
+    return start_pool(cfg)
+
+
+def start_pool(cfg: RSConfig):
+    """The rollout actors for ``cfg`` on the connected cluster (``out`` already checked)."""
     from actors.rollout import RolloutPool
 
-    check_out(cfg)
     engine_cls = choose_engine(cfg)
     engine_opts = {"seed": cfg.seed}
     if engine_cls.name == "vllm":
@@ -361,7 +366,7 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
     own_pool = pool is None
     if todo:
         if own_pool:
-            pool = make_pool(cfg)
+            pool = start_pool(cfg)  # check_out ran above
         model_scorers = {i: ScorerActor.remote(s.scorer) for i, s in enumerate(cfg.sources) if not s.scorer.is_verifier}
         by_id = {p.id: p for p in todo}
         batches = [todo[i:i + cfg.pool.batch_size] for i in range(0, len(todo), cfg.pool.batch_size)]
