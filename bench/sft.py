@@ -227,7 +227,7 @@ def step_tokens(lengths: list[int], step: int, batch: int, micro: int, workers: 
 def run_mode(name: str, d: Path, tok_dir: Path, data: Path, a: argparse.Namespace, lora: bool) -> dict:
     import pyarrow.parquet as pq
 
-    from jobs.config import load_config
+    from core.config import load_config
     from jobs.metrics import read_csv
     from jobs.sft import SftConfig, sft
     from model.llama import ModelArgs

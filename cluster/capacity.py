@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from model.llama import ConfigError
+from core.config import ConfigError
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 """Where ``ray up`` puts the autoscaler's config on the head node (Ray's own path, see the module docstring)."""

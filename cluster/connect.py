@@ -14,7 +14,7 @@ from typing import Any
 
 from cluster.capacity import (BOOTSTRAP_CONFIG, CONFIG_ENV, Autoscaler, Capacity, Need, RayAutoscaler, detect_capacity,
                               fmt, wait_for_autoscaler)
-from model.llama import ConfigError
+from core.config import ConfigError
 
 # NVLink multicast must stay off on the lent H100 hosts (see /work/shared/DESIGN.md); harmless elsewhere.
 GPU_ENV_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from model.llama import ConfigError
+from core.config import ConfigError
 
 STORAGE_ENV = "LLAMARAY_STORAGE"
 """Base directory for relative storage settings of submitted jobs (the cluster's shared mount)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.llama import ConfigError
+from core.config import ConfigError
 
 DEFAULT_CORPUS_DIR = Path(__file__).resolve().parent / "default"
 

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 
 from corpus.clean import REASONS, ExactDedup, NearDedup, normalize, reject_reason, signatures, text_hash
 from corpus.config import DataConfig, SourceConfig
-from model.llama import ConfigError
+from core.config import ConfigError
 
 FORMATS = (".txt", ".jsonl", ".parquet")
 FORMAT_VERSION = 1  # bump when the output layout or algorithm changes: invalidates prepared directories

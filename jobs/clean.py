@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from corpus.config import DataConfig
-from jobs.config import job_arg_parser, load_config
-from model.llama import ConfigError, ModelArgs
+from core.config import ConfigError, job_arg_parser, load_config
+from model.llama import ModelArgs
 
 
 @dataclass

@@ -36,7 +36,8 @@ from jobs.pretrain import RunSettings, ScalingSettings
 from jobs.sft import (LoraSettings, SftData, answer_logprobs, render_start, require_local_inputs, run_job,
                       train_finetune)
 from jobs.train_loop import TrainConfig
-from model.llama import ConfigError, ModelArgs
+from core.config import ConfigError
+from model.llama import ModelArgs
 
 
 def _default_run() -> RunSettings:

@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import job_arg_parser, load_config
+from core.config import ConfigError, job_arg_parser, load_config
 from model.hf import DTYPES, CheckpointError, load_hf, resolve_dtype, save_hf
-from model.llama import ConfigError, ModelArgs
+from model.llama import ModelArgs
 
 
 @dataclass

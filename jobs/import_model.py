@@ -29,9 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.config import job_arg_parser, load_config
+from core.config import ConfigError, job_arg_parser, load_config
 from model.hf import DTYPES, CheckpointError, load_hf, save_hf
-from model.llama import ConfigError
 
 
 @dataclass

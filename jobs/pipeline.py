@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from cluster.storage import storage_dir
-from jobs.config import deep_merge, from_dict, job_arg_parser, load_config, to_dict
-from model.llama import ConfigError
+from core.config import ConfigError, deep_merge, from_dict, job_arg_parser, load_config, to_dict
 
 Stage = Literal["pretrain", "sft", "rs", "dpo"]
 

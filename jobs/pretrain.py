@@ -45,11 +45,11 @@ from typing import Any
 
 from cluster.storage import RunStore, check_uri, is_uri, resolve
 from corpus.config import DataConfig
-from jobs.config import job_arg_parser, load_config, to_dict
+from core.config import ConfigError, job_arg_parser, load_config, to_dict
 from jobs.data_stream import StreamRows
 from jobs.train_loop import (LoopSpec, ParquetRows, PretrainObjective, RaySession, TrainConfig, fused_lm_loss,
                              run_worker)
-from model.llama import ConfigError, ModelArgs
+from model.llama import ModelArgs
 
 
 @dataclass

@@ -26,7 +26,7 @@ import time
 import urllib.request
 
 from jobs.serve import check_model_dir, deploy, parse, with_api_key
-from model.llama import ConfigError
+from core.config import ConfigError
 
 
 def served_hash(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:

@@ -40,8 +40,7 @@ from typing import Literal
 
 from actors.scorers import ScorerConfig
 from cluster.storage import RunStore, check_uri, is_uri, require_path
-from jobs.config import job_arg_parser, load_config, to_dict
-from model.llama import ConfigError
+from core.config import ConfigError, job_arg_parser, load_config, to_dict
 
 log = logging.getLogger("llamaray.rs")
 

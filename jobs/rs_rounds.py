@@ -22,10 +22,9 @@ from pathlib import Path
 
 from actors.scorers import ScorerConfig
 from cluster.storage import require_path, storage_dir
-from jobs.config import deep_merge, from_dict, job_arg_parser, load_config
+from core.config import ConfigError, deep_merge, from_dict, job_arg_parser, load_config
 from jobs.rejection_sampling import PoolConfig, PromptSource, RSConfig, SelectionConfig, atomic_write
 from jobs.sft import SftConfig
-from model.llama import ConfigError
 
 
 @dataclass

@@ -37,8 +37,7 @@ from typing import Literal
 
 from actors.server import LLMConfig, ScalingConfig
 from cluster.storage import require_path
-from jobs.config import job_arg_parser, load_config
-from model.llama import ConfigError
+from core.config import ConfigError, job_arg_parser, load_config
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cluster.storage import RunStore, require_path
-from jobs.config import job_arg_parser, load_config, to_dict
+from core.config import ConfigError, job_arg_parser, load_config, to_dict
 from jobs.pretrain import RunSettings, ScalingSettings, check_cluster, checkpoint_location, fit_on_ray, run_store
 from jobs.train_loop import LoopSpec, TrainConfig, Worker
-from model.llama import ConfigError, ModelArgs
+from model.llama import ModelArgs
 from model.lora import LoraConfig
 
 # ------------------------------------------------------------------------------------------------ config

@@ -29,8 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config import job_arg_parser, load_config
-from model.llama import ConfigError
+from core.config import ConfigError, job_arg_parser, load_config
 from model.tokenizer import MIN_VOCAB, SentencePieceTokenizer
 
 

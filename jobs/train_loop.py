@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cluster.storage import RunStore
-from model.llama import ConfigError, ModelArgs
+from core.config import ConfigError
+from model.llama import ModelArgs
 
 H100_BF16_PEAK = 989e12
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from model.hf import CheckpointError, model_from_state_dict, save_hf
-from model.llama import ConfigError, ModelArgs
+from core.config import ConfigError
+from model.llama import ModelArgs
 
 _BLOCK_RENAMES = {
     "attn_q.weight": "attention.wq.weight",

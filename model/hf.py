@@ -31,7 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from model.llama import ConfigError, ModelArgs, RopeScaling, Transformer, rope_frequencies
+from core.config import ConfigError
+from model.llama import ModelArgs, RopeScaling, Transformer, rope_frequencies
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe a model (unknown field, contradictory values)."""
+from core.config import ConfigError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import yaml
 
 from cluster.capacity import CONFIG_ENV, detect_capacity, maximum_from_autoscaling_config
 from cluster.connect import check_resources
-from model.llama import ConfigError
+from core.config import ConfigError
 
 # cluster.yaml as `ray up` bootstraps it on AWS: resources filled in from the instance types.
 BOOTSTRAPPED = {

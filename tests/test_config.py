@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_config, parse_overrides
-from model.llama import ConfigError, ModelArgs
+from core.config import ConfigError, load_config, parse_overrides
+from model.llama import ModelArgs
 
 
 @dataclass

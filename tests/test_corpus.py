@@ -22,7 +22,7 @@ from corpus import pipeline
 from corpus.clean import ExactDedup, NearDedup, normalize, non_letter_ratio, reject_reason, repeated_line_ratio, signatures
 from corpus.config import CleanConfig, DataConfig, SourceConfig
 from corpus.make_default import generate
-from model.llama import ConfigError
+from core.config import ConfigError
 
 SYLL = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "be", "do", "fu", "ga", "hi", "ju", "pe", "zo"]
 WORDS = sorted({a + b + c for a in SYLL for b in SYLL for c in SYLL[:6]})
@@ -150,7 +150,7 @@ def test_config_validation_names_the_field():
 
 
 def test_config_loads_from_yaml_with_sources(tmp_path):
-    from jobs.config import load_config
+    from core.config import load_config
     y = tmp_path / "d.yaml"
     y.write_text("sources:\n  - {path: a.txt, weight: 2}\n  - {path: b.jsonl, weight: 1, text_field: body}\n"
                  "clean: {normalization: NFC}\nseq_len: 128\n")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.config import load_config
+from core.config import load_config
 from jobs.dpo import DpoConfig, dpo, main
 from jobs.sft import SftConfig, sft
 from jobs.sft_data import read_rows, render_all, render_pair, write_jsonl

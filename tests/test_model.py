@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from model.llama import PRESETS, ConfigError, KVCache, ModelArgs, RopeScaling, build_model
+from core.config import ConfigError
+from model.llama import PRESETS, KVCache, ModelArgs, RopeScaling, build_model
 
 
 def small(**kw) -> ModelArgs:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from jobs.train_loop import TrainConfig, lr_at, micro_batch_indices, param_groups
-from model.llama import ConfigError, ModelArgs, build_model
+from core.config import ConfigError
+from model.llama import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=256, vocab_size=300, max_seq_len=64,

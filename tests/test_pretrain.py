@@ -23,7 +23,7 @@ import pytest
 
 from jobs.metrics import read_csv
 from jobs.pretrain import PretrainConfig, main, pretrain
-from jobs.config import load_config
+from core.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(900)

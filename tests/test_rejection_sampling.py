@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from model.hf import save_hf
-from model.llama import ConfigError, ModelArgs, build_model
+from core.config import ConfigError
+from model.llama import ModelArgs, build_model
 from model.tokenizer import SentencePieceTokenizer
 from tasks.arithmetic import problems
 
@@ -127,7 +128,7 @@ def test_changed_config_against_existing_output_is_refused(setup):
     d, model_dir, prompts, code_prompts = setup
     out = d / "guarded"
     out.mkdir()
-    from jobs.config import load_config
+    from core.config import load_config
     from jobs.rejection_sampling import Output, RSConfig
 
     Output(load_config(RSConfig, write_config(d, model_dir, prompts, code_prompts, out)))
@@ -140,7 +141,7 @@ def test_changed_config_against_existing_output_is_refused(setup):
 
 def test_bad_rs_configs_are_clear(setup, tmp_path):
     d, model_dir, prompts, _ = setup
-    from jobs.config import load_config
+    from core.config import load_config
     from jobs.rejection_sampling import RSConfig, read_prompts
 
     with pytest.raises(ConfigError, match="not an HF-format directory"):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import load_config
+from core.config import load_config
 from model.tokenizer import SentencePieceTokenizer
 from tasks.arithmetic import problems, sft_row
 

@@ -59,7 +59,7 @@ def served(tmp_path_factory):
     import ray
     from ray import serve
 
-    from jobs.config import load_config
+    from core.config import load_config
     from jobs.serve import ServeJobConfig, deploy
 
     root = tmp_path_factory.mktemp("serve")

@@ -454,7 +454,7 @@ def test_pipeline_serve_flags_and_config(monkeypatch, capsys):
 SERVE_STEP = """
 import json, sys, urllib.request
 from pathlib import Path
-from jobs.config import from_dict
+from core.config import from_dict
 from jobs.pipeline import ServeStep, serve_step
 from ray import serve
 

@@ -229,7 +229,7 @@ def test_failed_promote_keeps_serving_the_old_model(cluster, tmp_path):
 
     from actors.engine import model_hash
     from jobs.promote import promote
-    from model.llama import ConfigError
+    from core.config import ConfigError
 
     cfg = app_config(cluster, "keep")
     url = deploy_app(cluster, "keep")

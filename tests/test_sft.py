@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from jobs.config import load_config
+from core.config import load_config
 from jobs.sft import SftConfig, main, sft
 from jobs.sft_data import (BadRow, read_rows, render_all, render_sft_row, sft_messages, write_jsonl)
 from model.losses import IGNORE

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.storage import ConfigError, RunStore, check_shared, storage_dir
-from jobs.config import load_config
+from cluster.storage import RunStore, check_shared, storage_dir
+from core.config import ConfigError, load_config
 from jobs.metrics import parse_csv
 from test_pretrain import make_corpus, overrides
 from test_rejection_sampling import make_policy

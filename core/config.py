@@ -17,7 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from model.llama import ConfigError
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run: unknown field, wrong type, contradictory or out-of-range values. Every
+    config in the project raises this one, with a message that names the field (and the file, when loaded from one)."""
+
 
 T = TypeVar("T")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
