@@ -22,7 +22,8 @@ GPU_ENV_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
             working_dir: str | None = None) -> None:
-    """``ray.init`` once per process: by ``address`` (or RAY_ADDRESS), else a local instance.
+    """``ray.init`` once per process: by ``address`` (or RAY_ADDRESS), else a local instance (with its dashboard on
+    127.0.0.1, for the State API Ray Train needs).
 
     ``env_vars`` reach every task and actor (Ray Train workers included); GPU_ENV_VARS are always added.
     """
@@ -39,7 +40,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # The dashboard serves the State API, which Ray Train polls (its PlacementGroupCleaner asks every second
+        # whether the train controller is alive); without it a training job printed "Failed to query Ray Train
+        # Controller actor state" hundreds of times. It listens on 127.0.0.1 only.
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def _shortfall(*, num_workers: int, use_gpu: bool, cpus_per_worker: float, gpus_per_worker: float,

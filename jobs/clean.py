@@ -99,13 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamaray clean: {e}", file=sys.stderr)
         return 2
 
-    import ray
+    from cluster.connect import connect
 
-    if not ray.is_initialized():
-        if cfg.ray_address:
-            ray.init(address=cfg.ray_address)
-        else:
-            ray.init(num_cpus=cfg.num_cpus or None)
+    connect(cfg.ray_address or None, num_cpus=cfg.num_cpus or None)
     out = Path(cfg.out)
     try:
         tok_dir = pipeline.ensure_tokenizer(cfg.data, out, cfg.vocab_size or cfg.model.vocab_size)
