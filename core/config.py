@@ -164,6 +164,31 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], str]:
+    """A YAML file or preset as a mapping, and the path it came from.
+
+    ``extends: OTHER`` (a preset name or a path relative to this file) starts from OTHER's mapping and merges this
+    file's keys over it, section by section, so a preset states only how it differs (dpo-tiny extends sft-tiny).
+    """
+    p = resolve_config_path(path)
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+    base = loaded.pop("extends", None)
+    if base is None:
+        return loaded, str(p)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{p}: extends must name one preset or file, got {base!r}")
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: extends loops back to itself ({' → '.join(str(s) for s in _seen + (p,))})")
+    near = p.parent / base
+    parent, _ = read_yaml(near if near.is_file() else base, _seen + (p.resolve(),))
+    return deep_merge(parent, loaded), str(p)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, *,
                 ignore_other_sections: bool = False) -> T:
     """YAML file (or preset name) + ``key=value`` overrides → a validated ``cls``.
@@ -174,18 +199,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     data: dict[str, Any] = {}
     where = cls.__name__
     if path is not None:
-        p = resolve_config_path(path)
-        where = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping, got {type(loaded).__name__}")
+        data, where = read_yaml(path)
         if ignore_other_sections:
             known = {f.name for f in dataclasses.fields(cls)}
-            loaded = {k: v for k, v in loaded.items() if k in known}
-        data = loaded
+            data = {k: v for k, v in data.items() if k in known}
     data = deep_merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data, where)
 

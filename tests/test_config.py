@@ -74,3 +74,21 @@ def test_bad_yaml_names_the_file(tmp_path):
 
 def test_parse_overrides_nests():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": 1}, "d": "x"}}
+
+
+def test_extends_merges_the_file_over_its_base_section_by_section(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ninner: {lr: 0.5, steps: 3}\ntags: [a]\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\ninner: {steps: 7}\n")
+    (tmp_path / "grandchild.yaml").write_text(f"extends: {tmp_path / 'child.yaml'}\nname: g\n")
+    cfg = load_config(Outer, tmp_path / "grandchild.yaml", ["inner.lr=0.25"])
+    assert (cfg.name, cfg.inner.lr, cfg.inner.steps, cfg.tags) == ("g", 0.25, 7, ["a"])
+
+
+def test_extends_refuses_loops_and_missing_bases(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends loops back"):
+        load_config(Outer, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: no-such-preset\n")
+    with pytest.raises(ConfigError, match="no-such-preset"):
+        load_config(Outer, tmp_path / "c.yaml")
