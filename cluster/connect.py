@@ -25,13 +25,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
     """``ray.init`` once per process: by ``address`` (or RAY_ADDRESS), else a local instance (with its dashboard on
     127.0.0.1, for the State API Ray Train needs).
 
-    ``env_vars`` reach every task and actor (Ray Train workers included); GPU_ENV_VARS are always added.
+    ``env_vars`` reach every task and actor (Ray Train workers included); GPU_ENV_VARS are always added, and
+    VLLM_LOGGING_LEVEL (WARNING unless this process has it set).
     """
     import ray
 
     if ray.is_initialized():
         return
-    env = {**GPU_ENV_VARS, **(env_vars or {})}
+    # vLLM logs every engine start at INFO (dozens of lines per rollout actor); a job's output is our progress bars
+    # and lines. Set VLLM_LOGGING_LEVEL=INFO in the environment to see them again.
+    quiet = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    env = {**GPU_ENV_VARS, **quiet, **(env_vars or {})}
     runtime_env: dict[str, Any] = {"env_vars": env}
     if working_dir:
         runtime_env["working_dir"] = working_dir
