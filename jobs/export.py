@@ -12,8 +12,8 @@ Runbook::
 Prints one JSON line: output directory, source kind (hf/dcp), dtype, parameter count, seconds.
 
 The input kind is detected: ``config.json`` → HF directory (re-saved through ``model.hf.load_hf``, so it is
-validated on the way); ``.metadata`` (+ ``train_state.json`` with the model shape, as ``jobs/train_loop.py`` writes
-it) → DCP checkpoint, read in this one process with ``jobs.checkpointing.dcp_to_hf`` (DCP re-shards on load, so any
+validated on the way); ``.metadata`` (+ ``train_state.json`` with the model shape, as ``training/loop.py`` writes
+it) → DCP checkpoint, read in this one process with ``training.checkpointing.dcp_to_hf`` (DCP re-shards on load, so any
 training world size works). The HF directory's own tokenizer is carried along; a DCP checkpoint holds none, so pass
 ``tokenizer=DIR`` (otherwise the export has no tokenizer files and vLLM cannot serve it).
 
@@ -102,9 +102,9 @@ def export(cfg: ExportConfig) -> dict:
         save_hf(model, tokenizer or own_tok, out, dtype=cfg.dtype)
     else:
         try:
-            from jobs.checkpointing import dcp_to_hf
+            from training.checkpointing import dcp_to_hf
         except ImportError as e:
-            raise CheckpointError(f"{src}: DCP export lands with pretraining (jobs/checkpointing.py: {e})") from e
+            raise CheckpointError(f"{src}: DCP export lands with pretraining (training/checkpointing.py: {e})") from e
         args = _dcp_model_args(src)
         if cfg.dtype is None:
             dcp_to_hf(src, args, cfg.tokenizer, out)
