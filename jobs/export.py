@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError, job_arg_parser, load_config
-from model.hf import DTYPES, CheckpointError, load_hf, resolve_dtype, save_hf
+from model.hf import CheckpointError, check_conversion, load_hf, resolve_dtype, save_hf
 from model.llama import ModelArgs
 
 
@@ -51,14 +51,8 @@ class ExportConfig:
     """Tokenizer directory to ship with the export; None uses the HF directory's own (a DCP checkpoint has none)."""
 
     def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("export.checkpoint: required (an HF directory or a DCP checkpoint directory)")
-        if not self.out:
-            raise ConfigError("export.out: required (the HF directory to write)")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"export.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
-        if Path(self.out).resolve() == Path(self.checkpoint).resolve():
-            raise ConfigError(f"export.out: {self.out} is the checkpoint itself; write to another directory")
+        check_conversion("export", "checkpoint", self.checkpoint, "an HF directory or a DCP checkpoint directory",
+                         self.out, self.dtype)
 
 
 def checkpoint_kind(path: Path) -> str:
