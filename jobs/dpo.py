@@ -12,8 +12,8 @@ chosen == rejected, a bad schema or a rendering longer than the context are drop
 Reference model: the starting weights (``init``). Its sequence log-probs of every chosen/rejected answer are computed
 ONCE on the driver before the workers start and stored next to the rendered rows (``<run>/data/*.parquet``), so no
 frozen copy is held during training. With LoRA the adapters start at zero (B = 0), so the base without adapter is
-exactly that reference; both it and the policy score answers with training/objectives/finetune.answer_logprobs (the output head on
-answer positions only, no full-vocabulary logits). Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)])
+exactly that reference; both it and the policy score answers with training/objectives/finetune.answer_logprobs (the
+output head on answer positions only, no full-vocabulary logits). Loss: −log σ(β·[(π_c − ref_c) − (π_r − ref_r)])
 (model/losses.dpo_loss), plus ``nll_weight`` × the chosen answers' mean per-token NLL
 (training/objectives/dpo.py: ``DpoObjective``, ``dpo_batch_loss``;
 README has what it measured).

@@ -9,9 +9,9 @@ Runbook::
 What happens: config checks (sequence length vs context, corpus paths, empty corpus, batch divisibility, GPUs/CPUs
 in the cluster) — all before any worker starts; then the corpus is cleaned, tokenized and packed (EOS between
 documents) by Ray Data into parquet shards under ``<storage>/<name>/data`` (corpus.pipeline.prepare, reused when
-unchanged); then ``scaling.num_workers`` Ray Train workers run training/loop.py (through jobs/trainer.py). The training split reaches them
-as a Ray Dataset (read shard by shard, ``train_dataset``) through ``ray.train.get_dataset_shard``: the streaming split deals blocks out,
-no worker reads the whole split (training/data_stream.py); the small validation split is read by idx (ParquetRows).
+unchanged); then ``scaling.num_workers`` Ray Train workers run training/loop.py (through jobs/trainer.py). The
+training split reaches them as a Ray Dataset (read shard by shard, ``train_dataset``) through
+``ray.train.get_dataset_shard``: the streaming split deals blocks out, no worker reads the whole split (training/data_stream.py); the small validation split is read by idx (ParquetRows).
 Outputs under ``<storage>/<name>/``: DCP checkpoints ``checkpoint_*``
 (Ray Train keeps ``run.keep_checkpoints``), ``metrics/`` (metrics.csv, TensorBoard events, report.md, loss.png),
 ``hf/`` (HF Llama export that vLLM/transformers load).

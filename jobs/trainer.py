@@ -139,7 +139,8 @@ def check_cluster(run: RunSettings, scaling: ScalingSettings) -> None:
 
 
 class RaySession:
-    """training/loop.Session on Ray Train: checkpoints go through ray.train.report; the latest comes back from ray.train.get_checkpoint."""
+    """training/loop.Session on Ray Train: checkpoints go through ray.train.report; the latest comes back from
+    ray.train.get_checkpoint."""
 
     def device(self) -> torch.device:
         import ray.train.torch

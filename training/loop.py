@@ -2,8 +2,8 @@
 
 Worker shape (Ray's FSDP2 tutorial): device → build + shard (training/parallel.py) → restore the latest checkpoint
 if any (``Checkpointer.restore``) → ``train_step`` after ``train_step`` → ``session.report(metrics, checkpoint_dir)``.
-The same ``run_worker`` runs under Ray Train (``jobs.trainer.RaySession``, jobs/trainer.fit_on_ray) and under plain
-``torchrun`` (bench/pretrain_mfu.py's session); nothing here imports Ray. The objective (training/objectives/:
+The same ``run_worker`` runs under Ray Train (``jobs.trainer.RaySession``, jobs/trainer.fit_on_ray) and under
+plain ``torchrun`` (bench/pretrain_mfu.py's session); nothing here imports Ray. The objective (training/objectives/:
 pretrain, sft, dpo) builds the starting model, computes the loss and its statistics, adds validation figures and
 exports; the loop owns optimizer, schedule, accumulation, clipping, data position, metrics, evaluation cadence and
 checkpoints. ``LoopSpec.callbacks`` (importable ``module:function`` paths) are called after every step: tests use
@@ -520,8 +520,8 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     writer.close()
     if writing and last and spec.write_report:
         write_report(spec.metrics_dir, extra={**spec.extra_report, "world_size": w.world,
-                                              "export_dir": spec.export_dir, "trainable_params": last["trainable_params"],
-                                              **{k: v for k, v in last.items() if k.startswith("val_")}})
+                                              "export_dir": spec.export_dir,
+                                              "trainable_params": last["trainable_params"], **{k: v for k, v in last.items() if k.startswith("val_")}})
     if writing:
         store.upload()  # metrics, report, exports: everything rank 0 wrote (a URI run)
     dist.barrier()
