@@ -60,7 +60,7 @@ class RunSettings:
     callbacks: list[str] = field(default_factory=list)
     """Importable ``module:function`` paths called on every worker after every optimizer step as
     ``function(step, training.loop.StepContext)``; the tests install fault injection and data records this way
-    (``run.callbacks=[tests.faults:kill_last_worker_after_14]``). Empty for real runs."""
+    (``run.callbacks=[tests.faults:kill_before_step_15]``). Empty for real runs."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):

@@ -173,3 +173,16 @@ def test_mfu_row_length_is_the_micro_batch_not_the_context():
     assert PretrainObjective().seq_len(torch.zeros(4, 129, dtype=torch.long)) == 128
     rows = {"tokens": torch.zeros(4, 37, dtype=torch.long), "labels": torch.zeros(4, 37, dtype=torch.long)}
     assert SftObjective().seq_len(rows) == 37
+
+
+def test_step_callbacks_are_module_function_paths():
+    """run.callbacks (how tests inject faults, tests/faults.py): malformed paths are refused in the config, paths
+    that do not resolve when the worker loads them."""
+    from jobs.trainer import RunSettings
+    from training.loop import load_callbacks
+
+    with pytest.raises(ConfigError, match="module:function"):
+        RunSettings(callbacks=["tests.faults"])
+    assert [f.__name__ for f in load_callbacks(["tests.faults:record_consumed"])] == ["record_consumed"]
+    with pytest.raises(ConfigError, match="tests.faults:nope"):
+        load_callbacks(["tests.faults:nope"])
