@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.sft import answer_logprobs  # noqa: E402
+from training.objectives.finetune import answer_logprobs  # noqa: E402
 from model.llama import ModelArgs, build_model  # noqa: E402
 from model.losses import IGNORE, sequence_logprobs  # noqa: E402
 

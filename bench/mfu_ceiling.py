@@ -38,8 +38,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.train_loop import H100_BF16_PEAK  # noqa: E402
 from model.llama import ModelArgs  # noqa: E402
+from training.flops import peak_flops  # noqa: E402
 
 
 def time_ms(fn, reps: int, warmup: int = 3) -> float:
@@ -121,11 +121,13 @@ def main() -> int:
     attn = attention_ms(args, a.micro, a.seq, a.reps)
     best_attn = min(v for v in attn.values() if isinstance(v, float))
 
-    def ceiling(linears: dict[str, float]) -> dict[str, float]:
+    peak = peak_flops(torch.cuda.get_device_name(0))  # None: an unknown card, no MFU figure
+
+    def ceiling(linears: dict[str, float]) -> dict[str, float | None]:
         floor = args.n_layers * (sum(linears.values()) + best_attn) + head
         tps = M / (floor / 1e3)
         return {"floor_ms": round(floor, 1), "tokens_per_s": round(tps),
-                "mfu": round(tps * args.flops_per_token(a.seq) / H100_BF16_PEAK, 4)}
+                "mfu": round(tps * args.flops_per_token(a.seq) / peak, 4) if peak else None}
 
     gemm_flops = 6 * M * (args.n_layers * sum(i * o for i, o in separate.values()) + d * args.vocab_size)
     gemm_ms = args.n_layers * sum(lin_sep.values()) + head
@@ -136,7 +138,7 @@ def main() -> int:
         "attention_ms_per_layer": attn,
         "gemm_tflops": round(gemm_flops / gemm_ms / 1e9, 1),
         "ceiling": ceiling(lin_sep), "ceiling_fused_projections": ceiling(lin_fused),
-        "flops_per_token_formula": args.flops_per_token(a.seq), "peak": H100_BF16_PEAK}))
+        "flops_per_token_formula": args.flops_per_token(a.seq), "peak": peak}))
     return 0
 
 

@@ -5,7 +5,7 @@ Runbook::
     python bench/pretrain_cpu.py                 # ~3 min on 2 cores; prints one JSON line
     python bench/pretrain_cpu.py --steps 40 --seq 256
 
-Same loop as the GPU bench (jobs/train_loop.run_worker via bench/pretrain_mfu.py): FSDP2 over gloo, fp32, no
+Same loop as the GPU bench (training/loop.run_worker via bench/pretrain_mfu.py): FSDP2 over gloo, fp32, no
 compile, synthetic tokens, no checkpoints; medians over the steps after ``--warmup``. Without Ray = torchrun with
 the same number of processes. On a shared 2-core machine the absolute figures move with the load: compare the
 columns of one run only.

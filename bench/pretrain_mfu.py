@@ -5,10 +5,10 @@ Runbook (GPU machine, Ray staged as in /work/shared/DESIGN.md)::
     python bench/pretrain_mfu.py --gpus 1              # Ray Train 1 GPU + torchrun 1 GPU (Ray overhead)
     python bench/pretrain_mfu.py --gpus 2 --modes ray  # + 1 GPU in the same call → 2-GPU scaling
 
-Both paths run the SAME loop (jobs/train_loop.run_worker): FSDP2 per block + root, bf16 params / fp32 reduce,
+Both paths run the SAME loop (training/loop.run_worker): FSDP2 per block + root, bf16 params / fp32 reduce,
 torch.compile per block, fused AdamW, no activation checkpointing, micro batch 8 × 2048 per GPU, synthetic tokens
 (data loading is not the subject), no checkpoints. Figures are medians over the steps after ``--warmup``.
-MFU = tokens/s × ModelArgs.flops_per_token(seq) / (989e12 × GPUs) (N without embedding; with tied embeddings
+MFU = tokens/s × ModelArgs.flops_per_token(seq) / (device peak × GPUs; training/flops.py, 989e12 on H100/H200) (N without embedding; with tied embeddings
 that leaves the output-head matmul out, so ``mfu_with_head`` is printed too). Prints one JSON line.
 
 Measured 2026-11-25 (torch 2.11+cu130, H100 80GB HBM3, llama-1b = 1.24 B params with the 128k tied embedding,
@@ -32,7 +32,7 @@ embedding hides from N). Rows 1-2 ran on one nvidia-h100-x1 machine, rows 3-5 (a
 control: 56 158 tokens/s, so the machines agree within 2 %) on one nvidia-h100-x2 host, rows 6-7 on another
 nvidia-h100-x1 (steps 9-25). Measured with ``--micro 16 --steps 25 --warmup 8`` for the last four; the last two
 ran together on one more nvidia-h100-x1 (Ray overhead there: -0.4 %, i.e. noise).
-Rerun 2026-11-26 after pretrain/SFT/DPO were merged into one loop (jobs/train_loop.Objective), Ray Train, 1 H100,
+Rerun 2026-11-26 after pretrain/SFT/DPO were merged into one loop (then jobs/train_loop.Objective), Ray Train, 1 H100,
 micro 16, steps 9-20: 65 957 tokens/s, 44.3 % MFU (54.8 % with head), 64.8 GB — within 2 % of the row above.
 
 Rerun 2026-11-26 (third session), one nvidia-h100-x1 machine, micro 16, steps 9-22: Ray Train 66 138 tokens/s, 44.4 %
@@ -63,9 +63,58 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from jobs.train_loop import (H100_BF16_PEAK, LoopSpec, PretrainObjective, SyntheticRows, TrainConfig,  # noqa: E402
-                             causal_lm_loss, fused_lm_loss)
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+from typing import Any, Iterator  # noqa: E402
+
 from model.llama import ModelArgs  # noqa: E402
+from training.flops import peak_flops  # noqa: E402
+from training.loop import LoopSpec, TrainConfig  # noqa: E402
+from training.objectives.pretrain import PretrainObjective, causal_lm_loss, fused_lm_loss  # noqa: E402
+
+
+class SyntheticRows:
+    """Uniform random tokens (data loading is not what this bench measures); row i is the same everywhere."""
+
+    def __init__(self, num_rows: int, seq_len: int, vocab_size: int) -> None:
+        self.num_rows, self.seq_len, self.vocab_size = num_rows, seq_len, vocab_size
+
+    def batch(self, indices, device):
+        import torch
+
+        g = torch.Generator().manual_seed(int(indices[0]))
+        return torch.randint(0, self.vocab_size, (len(indices), self.seq_len + 1), generator=g).to(device)
+
+
+class LocalSession:
+    """training/loop.Session under torchrun without Ray: no checkpoint store; reports are dropped."""
+
+    def device(self):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    @contextlib.contextmanager
+    def restore(self) -> Iterator[None]:
+        yield None
+
+    def report(self, metrics: dict[str, Any], ckpt_dir: Any) -> None:
+        pass
+
+    def settle(self) -> None:
+        pass
+
+    def node_id(self) -> str:
+        return socket.gethostname()
+
+
+def device_peak() -> float | None:
+    """This machine's GPU's dense BF16 peak (training/flops.py); None without a GPU or for an unknown one."""
+    import torch
+
+    return peak_flops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 
 
 def make_spec(a: argparse.Namespace, world: int, metrics_dir: str) -> LoopSpec:
@@ -80,7 +129,7 @@ def make_spec(a: argparse.Namespace, world: int, metrics_dir: str) -> LoopSpec:
 
 
 def summarise(metrics_dir: str, a: argparse.Namespace, world: int, wall: float) -> dict:
-    from jobs.metrics import read_csv
+    from training.metrics import read_csv
 
     rows = read_csv(Path(metrics_dir) / "metrics.csv")[a.warmup:]
     if not rows:
@@ -88,9 +137,10 @@ def summarise(metrics_dir: str, a: argparse.Namespace, world: int, wall: float) 
     tps = statistics.median(float(r["tokens_per_s"]) for r in rows)
     args = ModelArgs.from_name(a.preset)
     head = 6 * args.dim * args.vocab_size
+    peak = device_peak()
     return {"gpus": world, "tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / world),
-            "mfu": round(tps * args.flops_per_token(a.seq) / (H100_BF16_PEAK * world), 4),
-            "mfu_with_head": round(tps * (args.flops_per_token(a.seq) + head) / (H100_BF16_PEAK * world), 4),
+            "mfu": round(tps * args.flops_per_token(a.seq) / (peak * world), 4) if peak else None,
+            "mfu_with_head": round(tps * (args.flops_per_token(a.seq) + head) / (peak * world), 4) if peak else None,
             "peak_mem_gb": round(max(float(r["peak_mem_gb"]) for r in rows), 1),
             "final_loss": round(float(rows[-1]["loss"]), 3), "steps_measured": len(rows), "wall_s": round(wall, 1)}
 
@@ -102,7 +152,8 @@ def run_ray(a: argparse.Namespace, world: int) -> dict:
     from ray.train.torch import TorchTrainer
 
     from cluster.connect import connect
-    from jobs.train_loop import RaySession, run_worker
+    from jobs.trainer import RaySession
+    from training.loop import run_worker
 
     connect()
     d = tempfile.mkdtemp(prefix=f"mfu-ray{world}-")
@@ -168,7 +219,7 @@ def main() -> int:
     a = parse_args()
 
     if a.worker:  # inside torchrun
-        from jobs.train_loop import LocalSession, run_worker
+        from training.loop import run_worker
         spec = make_spec(a, int(os.environ["WORLD_SIZE"]), a.worker)
         if not a.profile:
             run_worker(spec, LocalSession())

@@ -163,7 +163,7 @@ class RowClock(_Poller):
             return
         now = time.time()
         self._size = size
-        from jobs.metrics import read_csv
+        from training.metrics import read_csv
 
         for r in read_csv(self.path):
             try:
@@ -209,7 +209,7 @@ def make_rows(n: int, chat_tokens: tuple[int, int], tok, seed: int = 0) -> list[
 
 
 def step_tokens(lengths: list[int], step: int, batch: int, micro: int, workers: int) -> int:
-    """Tokens the job feeds the model in optimizer step ``step`` (1-based): jobs/train_loop.micro_batch_indices
+    """Tokens the job feeds the model in optimizer step ``step`` (1-based): training/data_stream.micro_batch_indices
     addressing over the rendered train split (wrapping), each micro-batch right-padded to its longest row."""
     n, accum = len(lengths), batch // (micro * workers)
     consumed = (step - 1) * batch
@@ -228,7 +228,7 @@ def run_mode(name: str, d: Path, tok_dir: Path, data: Path, a: argparse.Namespac
     import pyarrow.parquet as pq
 
     from core.config import load_config
-    from jobs.metrics import read_csv
+    from training.metrics import read_csv
     from jobs.sft import SftConfig, sft
     from model.llama import ModelArgs
 
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     a.chat_tokens = tuple(int(x) for x in a.chat_tokens.split(",")) if a.chat_tokens else p["chat_tokens"]
     if a.cpus_per_worker is None:
         a.cpus_per_worker = 8.0 if a.gpu else 1.0
-    from jobs.sft_data import write_jsonl
+    from training.sft_data import write_jsonl
     from model.tokenizer import SentencePieceTokenizer
     from tasks.arithmetic import problems
 

@@ -149,7 +149,7 @@ def make_bundle(dest: Path, gguf: Path) -> None:
 
 def write_prompts(work: Path, n_rs: int, n_heldout: int, seed: int) -> tuple[Path, Path, dict]:
     """Two-digit sums: RS prompts and held-out prompts (no held-out text among the RS texts)."""
-    from jobs.sft_data import write_jsonl
+    from training.sft_data import write_jsonl
     from tasks.arithmetic import problems
 
     rs = problems(n_rs, seed=seed, digits=2, ops="+", prefix="rs")

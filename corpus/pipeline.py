@@ -617,7 +617,7 @@ def load_split(split_dir: Path) -> Any:
     """The split as a ``ray.data.Dataset`` of rows {idx, tokens}, in idx order (preserve_order is set on it).
 
     Ray Train REPLACES a dataset's execution options with the driver's global ones (ray/train/_internal/
-    data_config.py: ``ds.context.execution_options = …``), dropping preserve_order; jobs/pretrain.fit_on_ray keeps
+    data_config.py: ``ds.context.execution_options = …``), dropping preserve_order; jobs/trainer.fit_on_ray keeps
     the order in training with ``ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))``.
     """
     import ray.data

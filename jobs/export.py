@@ -12,8 +12,8 @@ Runbook::
 Prints one JSON line: output directory, source kind (hf/dcp), dtype, parameter count, seconds.
 
 The input kind is detected: ``config.json`` → HF directory (re-saved through ``model.hf.load_hf``, so it is
-validated on the way); ``.metadata`` (+ ``train_state.json`` with the model shape, as ``jobs/train_loop.py`` writes
-it) → DCP checkpoint, read in this one process with ``jobs.checkpointing.dcp_to_hf`` (DCP re-shards on load, so any
+validated on the way); ``.metadata`` (+ ``train_state.json`` with the model shape, as ``training/loop.py`` writes
+it) → DCP checkpoint, read in this one process with ``training.checkpointing.dcp_to_hf`` (DCP re-shards on load, so any
 training world size works). The HF directory's own tokenizer is carried along; a DCP checkpoint holds none, so pass
 ``tokenizer=DIR`` (otherwise the export has no tokenizer files and vLLM cannot serve it).
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError, job_arg_parser, load_config
-from model.hf import DTYPES, CheckpointError, load_hf, resolve_dtype, save_hf
+from model.hf import CheckpointError, check_conversion, load_hf, resolve_dtype, save_hf
 from model.llama import ModelArgs
 
 
@@ -51,14 +51,8 @@ class ExportConfig:
     """Tokenizer directory to ship with the export; None uses the HF directory's own (a DCP checkpoint has none)."""
 
     def __post_init__(self) -> None:
-        if not self.checkpoint:
-            raise ConfigError("export.checkpoint: required (an HF directory or a DCP checkpoint directory)")
-        if not self.out:
-            raise ConfigError("export.out: required (the HF directory to write)")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"export.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
-        if Path(self.out).resolve() == Path(self.checkpoint).resolve():
-            raise ConfigError(f"export.out: {self.out} is the checkpoint itself; write to another directory")
+        check_conversion("export", "checkpoint", self.checkpoint, "an HF directory or a DCP checkpoint directory",
+                         self.out, self.dtype)
 
 
 def checkpoint_kind(path: Path) -> str:
@@ -102,9 +96,9 @@ def export(cfg: ExportConfig) -> dict:
         save_hf(model, tokenizer or own_tok, out, dtype=cfg.dtype)
     else:
         try:
-            from jobs.checkpointing import dcp_to_hf
+            from training.checkpointing import dcp_to_hf
         except ImportError as e:
-            raise CheckpointError(f"{src}: DCP export lands with pretraining (jobs/checkpointing.py: {e})") from e
+            raise CheckpointError(f"{src}: DCP export lands with pretraining (training/checkpointing.py: {e})") from e
         args = _dcp_model_args(src)
         if cfg.dtype is None:
             dcp_to_hf(src, args, cfg.tokenizer, out)

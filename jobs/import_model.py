@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError, job_arg_parser, load_config
-from model.hf import DTYPES, CheckpointError, load_hf, save_hf
+from model.hf import CheckpointError, check_conversion, load_hf, save_hf
 
 
 @dataclass
@@ -45,14 +45,7 @@ class ImportConfig:
     """Cast floating weights to float32, bfloat16 or float16; None keeps them (GGUF: float32)."""
 
     def __post_init__(self) -> None:
-        if not self.source:
-            raise ConfigError("import.source: required (a .gguf file or an HF directory)")
-        if not self.out:
-            raise ConfigError("import.out: required (the HF directory to write)")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"import.dtype: {self.dtype!r} is not one of {list(DTYPES)}")
-        if Path(self.out).resolve() == Path(self.source).resolve():
-            raise ConfigError(f"import.out: {self.out} is the source itself; write to another directory")
+        check_conversion("import", "source", self.source, "a .gguf file or an HF directory", self.out, self.dtype)
 
 
 def source_kind(path: Path) -> str:

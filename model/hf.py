@@ -108,6 +108,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, where: str = "dtype") -> torc
     return DTYPES[name]
 
 
+def check_conversion(section: str, source_key: str, source: str, source_help: str, out: str,
+                     dtype: str | None) -> None:
+    """The checks every weight-conversion command's config shares (``llamaray export``: ``checkpoint``,
+    ``llamaray import``: ``source``): a source and an output are given, the output is not the source, ``dtype`` is
+    one of DTYPES or None. ConfigError naming ``<section>.<field>``."""
+    if not source:
+        raise ConfigError(f"{section}.{source_key}: required ({source_help})")
+    if not out:
+        raise ConfigError(f"{section}.out: required (the HF directory to write)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"{section}.dtype: {dtype!r} is not one of {list(DTYPES)}")
+    if Path(out).resolve() == Path(source).resolve():
+        raise ConfigError(f"{section}.out: {out} is the {source_key} itself; write to another directory")
+
+
 def hf_config_from_args(args: ModelArgs, *, bos_token_id: int | None = None, eos_token_id: int | list[int] | None = None,
                         pad_token_id: int | None = None, dtype: str | torch.dtype = "float32") -> dict[str, Any]:
     """The ``config.json`` of a ``LlamaForCausalLM`` with the shape ``args``.

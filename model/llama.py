@@ -5,7 +5,7 @@ token embedding → N × [RMSNorm → GQA attention with RoPE → residual → R
 
 The layout and parameter names follow gpt-fast / torchtitan; the rotary convention is Hugging Face's
 ("rotate half"), so HF Llama checkpoints map onto this module by renaming alone (see ``model/hf.py``).
-Nothing here knows about devices, Ray or torch.distributed: sharding is applied from outside (``jobs/parallel.py``).
+Nothing here knows about devices, Ray or torch.distributed: sharding is applied from outside (``training/parallel.py``).
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def test_the_maximum_from_the_autoscalers_config_file(fixed, tmp_path, monkeypat
 
 def test_scaling_settings_carry_the_timeout_to_the_check(monkeypatch):
     import cluster.connect
-    from jobs.pretrain import RunSettings, ScalingSettings, check_cluster
+    from jobs.trainer import RunSettings, ScalingSettings, check_cluster
 
     assert ScalingSettings().autoscale_timeout_s == 900
     with pytest.raises(ConfigError, match="autoscale_timeout_s must be >= 0"):

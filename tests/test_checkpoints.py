@@ -337,7 +337,7 @@ def test_export_job_bad_settings(argv, needle, capsys):
 
 
 def test_export_job_from_dcp_checkpoint(sp_tokenizers, tmp_path, capsys):
-    checkpointing = pytest.importorskip("jobs.checkpointing", reason="DCP checkpoints land with pretraining")
+    checkpointing = pytest.importorskip("training.checkpointing", reason="DCP checkpoints land with pretraining")
     from jobs.export import main
 
     small, _, tok_dir = sp_tokenizers

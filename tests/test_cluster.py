@@ -106,7 +106,8 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     replacement node joins: the run resumes from the checkpoint and ends with every step once and every row once."""
     client = cl.job_client()
     corpus = make_corpus(cl.shared / "corpus.txt", docs=100)
-    over = overrides(corpus, "runs", "cluster-pretrain", **{"train.max_steps": 40, "run.record_consumed": True,
+    over = overrides(corpus, "runs", "cluster-pretrain", **{"train.max_steps": 40,
+                                                            "run.callbacks": "[tests.faults:record_consumed]",
                                                             "model.dim": 256, "model.n_layers": 4})
     job = submit(cl, job_args("jobs.pretrain", "--config", "tiny", sets=over))
     run = cl.shared / "runs" / "cluster-pretrain"
@@ -137,7 +138,7 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     assert tries[-1]["resumed_from_step"] is not None and tries[-1]["resumed_from_step"] >= 10, (tries, logs[-6000:])
     assert all(len(set(t["node_ids"])) == 2 for t in tries), tries  # one worker on each node, before and after
     assert tries[0]["node_ids"] != tries[-1]["node_ids"]  # the restarted group runs on the replacement node
-    from jobs.metrics import read_csv
+    from training.metrics import read_csv
 
     steps = [int(r["step"]) for r in read_csv(csv)]
     assert steps == list(range(1, 41))

@@ -1,4 +1,4 @@
-"""The streamed data position (jobs/data_stream.py) without Ray Train: IdxSet, skipping done rows, the epoch tail,
+"""The streamed data position (training/data_stream.py) without Ray Train: IdxSet, skipping done rows, the epoch tail,
 restore. Shards are stand-ins yielding pyarrow batches like a Ray DataIterator; ranks are real gloo processes.
 The same code under Ray Train, with a killed worker, a killed driver and 2 → 1 workers: tests/test_pretrain.py."""
 
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobs.data_stream import IdxSet, IndexedSource, StreamRows, as_train_source
+from training.data_stream import IdxSet, IndexedSource, StreamRows, as_train_source
 
 WIDTH = 3  # tokens per row; every token of row i is i, so a batch shows which rows it holds
 

@@ -24,7 +24,7 @@ import torch
 from core.config import load_config
 from jobs.dpo import DpoConfig, dpo, main
 from jobs.sft import SftConfig, sft
-from jobs.sft_data import read_rows, render_all, render_pair, write_jsonl
+from training.sft_data import read_rows, render_all, render_pair, write_jsonl
 from model.tokenizer import SentencePieceTokenizer
 from tasks.arithmetic import dpo_row, problems, sft_row
 

@@ -76,7 +76,8 @@ def test_dpo_loss_prefers_chosen():
 
 def test_head_on_answer_positions_only_equals_the_full_logits():
     """sft_loss and answer_logprobs give no logits to prompt and padding positions; values as from model(tokens)."""
-    from jobs.sft import answer_logprobs, sft_loss
+    from training.objectives.finetune import answer_logprobs
+    from training.objectives.sft import sft_loss
 
     torch.manual_seed(0)
     model = small_model()
@@ -96,7 +97,7 @@ def test_head_on_answer_positions_only_equals_the_full_logits():
 
 
 def test_dpo_batch_loss_adds_the_chosen_answers_per_token_nll():
-    from jobs.sft import dpo_batch_loss
+    from training.objectives.dpo import dpo_batch_loss
 
     torch.manual_seed(0)
     model = small_model()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.train_loop import TrainConfig, lr_at, micro_batch_indices, param_groups
+from training.data_stream import micro_batch_indices
+from training.loop import TrainConfig, lr_at, param_groups
 from core.config import ConfigError
 from model.llama import ModelArgs, build_model
 
@@ -27,9 +28,10 @@ TWO_RANKS = textwrap.dedent("""
     import json, sys, torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from jobs import checkpointing
-    from jobs.parallel import apply_fsdp, local_param_count
-    from jobs.train_loop import causal_lm_loss, fused_lm_loss, param_groups
+    from training import checkpointing
+    from training.parallel import apply_fsdp, local_param_count
+    from training.loop import param_groups
+    from training.objectives.pretrain import causal_lm_loss, fused_lm_loss
     from model.llama import ModelArgs, build_model
     out_dir = sys.argv[1]
     dist.init_process_group("gloo")
@@ -84,8 +86,8 @@ def test_fused_loss_trains_exactly_like_forward_loss(two_rank_run):
 
 
 def test_dcp_checkpoint_from_two_ranks_loads_in_one_process_and_exports_hf(two_rank_run, tmp_path):
-    from jobs import checkpointing
-    from jobs.train_loop import causal_lm_loss
+    from training import checkpointing
+    from training.objectives.pretrain import causal_lm_loss
     from model.hf import load_hf
 
     d, ranks = two_rank_run
@@ -145,7 +147,7 @@ def test_check_resources_names_the_shortfall():
 def test_fractional_gpu_workers_share_a_card():
     """scaling.gpus_per_worker < 1: an SFT worker and a rollout actor on one GPU (bench/smollm2_recipe.py)."""
     from cluster.connect import check_resources
-    from jobs.pretrain import ScalingSettings
+    from jobs.trainer import ScalingSettings
 
     check_resources(num_workers=2, use_gpu=True, cpus_per_worker=1, gpus_per_worker=0.5,
                     resources={"CPU": 4.0, "GPU": 1.0})
@@ -165,9 +167,22 @@ def test_fractional_gpu_workers_share_a_card():
 def test_mfu_row_length_is_the_micro_batch_not_the_context():
     """MFU's attention term uses each micro-batch's own row length: T for packed pretraining rows (B, T+1), the padded
     length for SFT/DPO rows — not data.max_len or the model's context (a 1 k-token chat on an 8 k-context model)."""
-    from jobs.sft import FinetuneObjective
-    from jobs.train_loop import PretrainObjective
+    from training.objectives.sft import SftObjective
+    from training.objectives.pretrain import PretrainObjective
 
     assert PretrainObjective().seq_len(torch.zeros(4, 129, dtype=torch.long)) == 128
     rows = {"tokens": torch.zeros(4, 37, dtype=torch.long), "labels": torch.zeros(4, 37, dtype=torch.long)}
-    assert FinetuneObjective("sft").seq_len(rows) == 37
+    assert SftObjective().seq_len(rows) == 37
+
+
+def test_step_callbacks_are_module_function_paths():
+    """run.callbacks (how tests inject faults, tests/faults.py): malformed paths are refused in the config, paths
+    that do not resolve when the worker loads them."""
+    from jobs.trainer import RunSettings
+    from training.loop import load_callbacks
+
+    with pytest.raises(ConfigError, match="module:function"):
+        RunSettings(callbacks=["tests.faults"])
+    assert [f.__name__ for f in load_callbacks(["tests.faults:record_consumed"])] == ["record_consumed"]
+    with pytest.raises(ConfigError, match="tests.faults:nope"):
+        load_callbacks(["tests.faults:nope"])

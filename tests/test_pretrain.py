@@ -1,9 +1,10 @@
 """The pretrain job end to end on CPU: 2 Ray Train workers (gloo, FSDP2), a small generated corpus.
 
 One trained run is shared by most tests (module fixture); it is also the worker-kill run: the last worker SIGKILLs
-itself once at step 15 (run.fail_at_step), after the step-10 checkpoint, and Ray Train restarts the group from it.
+itself once before step 15 (tests/faults.kill_before_step_15, a step callback), after the step-10 checkpoint, and Ray
+Train restarts the group from it.
 A second run is started as a subprocess, its driver killed after the first checkpoint, and rerun with ONE worker.
-Both record the rows every worker trains on (run.record_consumed) and cross an epoch boundary of the streamed
+Both record the rows every worker trains on (tests/faults.record_consumed) and cross an epoch boundary of the streamed
 training split: the data position must resume exactly (``assert_data_exact``).
 What only a GPU exercises (NCCL, bf16, torch.compile, the compiled fused loss): bench/pretrain_mfu.py.
 """
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.metrics import read_csv
+from training.metrics import read_csv
 from jobs.pretrain import PretrainConfig, main, pretrain
 from core.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
+KILL, RECORD = "tests.faults:kill_before_step_15", "tests.faults:record_consumed"  # step callbacks (tests/faults.py)
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -91,8 +93,8 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    cfg = load_config(PretrainConfig, "tiny", overrides(corpus, storage, "shared", **{"run.fail_at_step": 15,
-                                                                                      "run.record_consumed": True}))
+    cfg = load_config(PretrainConfig, "tiny", overrides(corpus, storage, "shared", **{
+        "run.callbacks": f"[{KILL}, {RECORD}]"}))
     out = pretrain(cfg)
     return cfg, Path(out["run_dir"]), out
 
@@ -163,7 +165,7 @@ def test_export_loads_in_vllm_and_generates(trained):
 
 def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
     args = overrides(corpus, tmp_path, "driver", **{"train.max_steps": 60, "run.ckpt_every": 5, "run.export": False,
-                                                    "run.record_consumed": True})
+                                                    "run.callbacks": f"[{RECORD}]"})
     cmd = [sys.executable, "-m", "jobs.pretrain", "--config", "tiny"] + [a for kv in args for a in ("--set", kv)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

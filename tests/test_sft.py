@@ -23,7 +23,7 @@ import torch
 
 from core.config import load_config
 from jobs.sft import SftConfig, main, sft
-from jobs.sft_data import (BadRow, read_rows, render_all, render_sft_row, sft_messages, write_jsonl)
+from training.sft_data import (BadRow, read_rows, render_all, render_sft_row, sft_messages, write_jsonl)
 from model.losses import IGNORE
 from model.tokenizer import END_MARKER, SentencePieceTokenizer
 from tasks.arithmetic import problems, sft_row
@@ -166,7 +166,7 @@ def test_bad_rows_counted_in_stats_and_report(trained):
 
 
 def test_init_from_a_training_checkpoint_converts_it(trained, task, tmp_path):
-    from jobs.sft import resolve_init
+    from jobs.finetune import resolve_init
     from model.hf import load_hf
 
     run, out = trained
@@ -181,20 +181,20 @@ def test_init_from_a_training_checkpoint_converts_it(trained, task, tmp_path):
 
 @pytest.fixture(scope="module")
 def lora_run(trained, task, tmp_path_factory):
-    """LoRA on top of the full-SFT export (init = an HF directory), 20 steps; the last worker SIGKILLs itself at step 15
-    and Ray Train restarts the group from the step-10 checkpoint."""
+    """LoRA on top of the full-SFT export (init = an HF directory), 20 steps; the last worker SIGKILLs itself before
+    step 15 (tests/faults.py) and Ray Train restarts the group from the step-10 checkpoint."""
     full_run, out = trained
     storage = tmp_path_factory.mktemp("lora")
     res = sft(load_config(SftConfig, "sft-tiny", overrides(
         task, storage, "lora", init=out["export"], tokenizer="", **{
             "lora.enabled": True, "lora.rank": 4, "lora.targets": "[wq, wv, w2]", "train.max_steps": 20,
             "train.lr": 1e-2, "run.eval_every": 20, "eval.prompts": 8, "run.ckpt_every": 10,
-            "run.fail_at_step": 15})))
+            "run.callbacks": "[tests.faults:kill_before_step_15]"})))
     return Path(res["run_dir"]), res, Path(out["export"])
 
 
 def test_killed_worker_resumes_lora_run_from_checkpoint(lora_run):
-    from jobs.metrics import read_csv
+    from training.metrics import read_csv
 
     run, res, _ = lora_run
     assert (run / "metrics" / "killed-at-15").exists()

@@ -20,7 +20,7 @@ import pytest
 
 from cluster.storage import RunStore, check_shared, storage_dir
 from core.config import ConfigError, load_config
-from jobs.metrics import parse_csv
+from training.metrics import parse_csv
 from test_pretrain import make_corpus, overrides
 from test_rejection_sampling import make_policy
 
@@ -86,7 +86,7 @@ def only_local(store: RunStore, stored: dict[str, int]) -> list[str]:
 
 
 def test_settings_name_paths_and_uris(tmp_path):
-    from jobs.pretrain import RunSettings
+    from jobs.trainer import RunSettings
 
     local = RunStore.open(tmp_path, "exp")
     assert local == RunStore(tmp_path / "exp") and local.location("hf") == str(tmp_path / "exp" / "hf")
@@ -264,7 +264,7 @@ def test_sft_on_s3_workers_read_their_inputs_from_the_bucket(s3, rs_setup, tmp_p
     """The rendered rows and config reach the bucket from the driver; the workers stage them from there; metrics,
     the checkpoint and the merged export land in the bucket. ``init`` itself must be a path (a URI is refused)."""
     from jobs.sft import SftConfig, sft
-    from jobs.sft_data import write_jsonl
+    from training.sft_data import write_jsonl
     from tasks.arithmetic import problems, sft_row
 
     _, model_dir, _ = rs_setup

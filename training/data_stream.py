@@ -1,9 +1,12 @@
-"""Training rows streamed to the workers through ``ray.train.get_dataset_shard``, with an exact, resumable position.
+"""The training loop's row sources: idx-addressed rows (``RowSource``: parquet shards, SFT/DPO rows) and rows streamed
+from a dataset shard (``StreamRows``), both behind ``TrainSource``, each with an exact, resumable position.
 
-The driver (jobs/pretrain.py) gives TorchTrainer the packed training split as a Ray Dataset of rows {idx, tokens}
-(one block per parquet shard, ``jobs.pretrain.train_dataset``) and ``ray.train.DataConfig(datasets_to_split=["train"], execution_options=
-preserve_order)``; Ray Data's streaming split deals the split's blocks out to the workers, so a worker holds a few
-blocks at a time, never the corpus. ``StreamRows`` turns a worker's shard into micro-batches.
+Streamed rows: the driver (jobs/trainer.py) gives TorchTrainer the packed training split as a Ray Dataset of rows
+{idx, tokens} (one block per parquet shard, ``jobs.trainer.train_dataset``) and ``ray.train.DataConfig(
+datasets_to_split=["train"], execution_options=preserve_order)``; Ray Data's streaming split deals the split's blocks
+out to the workers, so a worker holds a few blocks at a time, never the corpus. ``StreamRows`` turns a worker's shard
+(anything with ``iter_batches(batch_size=, batch_format="pyarrow", prefetch_batches=)``: a Ray DataIterator that
+jobs/trainer.stream_rows passes in, or a test's fake) into micro-batches; nothing here imports Ray.
 
 How the data position stays exact although the split is dynamic (which worker gets which block is decided while
 streaming, and differs with the number of workers):
@@ -23,20 +26,73 @@ streaming, and differs with the number of workers):
   rows, which Ray's equal split — the one DataConfig uses — never emits. ``dropped`` counts both (from the split
   size N, when given).
 
-Index-addressed sources (jobs/train_loop.ParquetRows for validation, SyntheticRows for benchmarks, SFT/DPO rows)
-get the same small interface from ``IndexedSource``; ``as_train_source`` picks.
+Index-addressed sources (``ParquetRows`` for validation, training/sft_data.SftRows/PairRows for SFT/DPO, benchmarks'
+synthetic rows) get the same small interface from ``IndexedSource``; ``as_train_source`` picks.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+
+def micro_batch_indices(consumed: int, accum_step: int, rank: int, world: int, micro: int) -> np.ndarray:
+    """Global row indices of one micro-batch: the step's rows consumed .. consumed + micro·world·accum - 1 are dealt
+    out micro-batch by micro-batch, rank-major within each accumulation step (wrapping is the source's job)."""
+    return consumed + (accum_step * world + rank) * micro + np.arange(micro)
+
+
+class RowSource(Protocol):
+    """Rows addressed by a global index (the parquet ``idx``); ``batch`` builds what the loss function takes."""
+
+    num_rows: int
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Any: ...
+
+
+class ParquetRows:
+    """Rows {idx, tokens} of a split written by corpus.pipeline.prepare, read shard by shard with pyarrow.
+
+    Row i lives in the shard whose cumulative row range holds it (idx is contiguous from 0, files in name order);
+    the last two shards read stay cached, which suits the sequential access of training.
+    """
+
+    def __init__(self, split_dir: str | Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.files = sorted(str(p) for p in Path(split_dir).glob("part-*.parquet"))
+        if not self.files:
+            raise FileNotFoundError(f"{split_dir}: no part-*.parquet shards")
+        counts = [pq.ParquetFile(f).metadata.num_rows for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_rows = int(self.starts[-1])
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._cache:
+            import pyarrow.parquet as pq
+
+            rows = rows_from_arrow(pq.read_table(self.files[i], columns=["idx", "tokens"]))
+            idx = rows.idx
+            if len(idx) and (idx[0] != self.starts[i] or idx[-1] != self.starts[i + 1] - 1):
+                raise ValueError(f"{self.files[i]}: idx {idx[0]}..{idx[-1]} does not continue the previous shards "
+                                 f"(expected {self.starts[i]}..{self.starts[i + 1] - 1})")
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[i] = rows.tokens.astype(np.int64)
+        return self._cache[i]
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        indices = np.asarray(indices) % self.num_rows
+        shard = np.searchsorted(self.starts, indices, side="right") - 1
+        return np.stack([self._shard(int(s))[int(i - self.starts[s])] for i, s in zip(indices, shard)])
+
+    def batch(self, indices: np.ndarray, device: torch.device) -> Tensor:
+        return torch.from_numpy(self.rows(indices)).to(device, non_blocking=True)  # (B, T+1)
 
 
 class TrainSource(Protocol):
@@ -58,14 +114,12 @@ class TrainSource(Protocol):
 
 class IndexedSource:
     """An idx-addressed row source behind the TrainSource interface: step s reads rows consumed .. consumed +
-    batch_size - 1 (jobs/train_loop.micro_batch_indices), so the loop's ``consumed`` count is the whole position."""
+    batch_size - 1 (``micro_batch_indices``), so the loop's ``consumed`` count is the whole position."""
 
     def __init__(self, rows: Any, rank: int, world: int, micro_batch_size: int) -> None:
         self.rows, self.rank, self.world, self.micro = rows, rank, world, micro_batch_size
 
     def micro_batch(self, consumed: int, accum_step: int, device: torch.device) -> Any:
-        from jobs.train_loop import micro_batch_indices
-
         return self.rows.batch(micro_batch_indices(consumed, accum_step, self.rank, self.world, self.micro), device)
 
     def state(self) -> dict[str, Any]:
@@ -167,21 +221,17 @@ def rows_from_arrow(table: Any) -> _Rows:
 
 class StreamRows:
     """This worker's share of a Ray Train dataset shard, as micro-batches (B, T+1) of token rows; see the module
-    docstring for how the position stays exact. Built on the worker (LoopSpec.make_train_source)."""
+    docstring for how the position stays exact. Built on the worker (LoopSpec.make_train_source): ``shard`` is this
+    worker's shard of the split (jobs/trainer.stream_rows passes ``ray.train.get_dataset_shard("train")``)."""
 
-    def __init__(self, micro_batch_size: int, batch_size: int, *, dataset: str = "train",
-                 num_rows: int | None = None, record_dir: str | None = None, shard: Any = None) -> None:
+    def __init__(self, micro_batch_size: int, batch_size: int, shard: Any, *, num_rows: int | None = None) -> None:
         self.micro = micro_batch_size
         """Rows per micro-batch on one worker."""
         self.batch_size = batch_size
         """Rows per optimizer step, all workers together."""
-        self.dataset = dataset
-        """The name of the dataset in TorchTrainer(datasets=…)."""
         self.num_rows = num_rows
         """Rows in the split (to count what an epoch dropped); None: unknown."""
-        self.record_dir = record_dir
-        """Test hook: append every step's idx of this rank to <record_dir>/consumed-*.jsonl."""
-        self._shard = shard  # a ray.data.DataIterator; None: ray.train.get_dataset_shard(dataset) on first use
+        self._shard = shard
         self.epoch = 0
         """Epochs completed."""
         self.done = IdxSet()
@@ -194,7 +244,6 @@ class StreamRows:
         self._buf = _Rows()  # rows pulled from the shard, not yet trained on
         self._pool: _Rows | None = None  # the epoch's tail, the same on every rank
         self._step: _Rows = _Rows()  # this rank's rows of the current step
-        self._attempt: int | None = None
         self._rank = self._world = -1
 
     # -- the interface --------------------------------------------------------------------------------------------
@@ -203,10 +252,13 @@ class StreamRows:
         if accum_step == 0:
             self._step = self._next_step(device)
             self._mine.append(self._step.idx)
-            if self.record_dir:
-                self._record(consumed // self.batch_size + 1)
         rows = self._step.select(slice(accum_step * self.micro, (accum_step + 1) * self.micro))
         return torch.from_numpy(rows.tokens.astype(np.int64)).to(device, non_blocking=True)
+
+    @property
+    def step_idx(self) -> np.ndarray:
+        """The idx of the rows this rank trains on in the current (or just finished) step, of epoch ``epoch``."""
+        return self._step.idx
 
     def state(self) -> dict[str, Any]:
         self._sync()
@@ -253,12 +305,7 @@ class StreamRows:
         if self._exhausted:
             return False
         if self._it is None:
-            shard = self._shard
-            if shard is None:
-                import ray.train
-
-                shard = self._shard = ray.train.get_dataset_shard(self.dataset)
-            self._it = iter(shard.iter_batches(batch_size=self.micro, batch_format="pyarrow", prefetch_batches=1))
+            self._it = iter(self._shard.iter_batches(batch_size=self.micro, batch_format="pyarrow", prefetch_batches=1))
         batch = next(self._it, None)
         if batch is None:
             self._exhausted = True
@@ -307,13 +354,3 @@ class StreamRows:
         mine = IdxSet.of(np.concatenate(self._mine) if self._mine else np.empty(0, np.int64))
         self.done = self.done.union(*(IdxSet(r) for r in self._gather(mine.ranges())))
         self._mine = []
-
-    def _record(self, step: int) -> None:
-        rank, world = self._dist()
-        if self._attempt is None:  # one id per worker group, from rank 0
-            self._attempt = int(self._gather(time.time_ns())[0])
-        path = Path(self.record_dir, f"consumed-{self._attempt}-r{rank}.jsonl")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(json.dumps({"attempt": self._attempt, "step": step, "epoch": self.epoch, "rank": rank,
-                                "world": world, "idx": self._step.idx.tolist()}) + "\n")

@@ -1,7 +1,7 @@
 """Instruction (SFT) and preference (DPO) rows: reading, validating, rendering with the chat template, batching.
 
-Lives in jobs/ (not model/) because it reads JSONL/Parquet files with pyarrow and its row sources implement
-jobs/train_loop.py's ``RowSource`` protocol (``num_rows``, ``batch(indices, device)``); the rendering itself only
+Lives in training/ (not model/) because it reads JSONL/Parquet files with pyarrow and its row sources implement
+training/data_stream.py's ``RowSource`` protocol (``num_rows``, ``batch(indices, device)``); the rendering itself only
 uses the tokenizer's ``render_chat`` (model/tokenizer.py), which owns the exact assistant masks.
 
 Accepted rows (JSONL, one object a line, or Parquet):

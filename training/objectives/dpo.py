@@ -1,0 +1,71 @@
+"""Direct preference optimisation: sigmoid DPO on chosen/rejected pairs (training/sft_data.PairRows) against
+reference log-probs precomputed from the starting weights, plus an optional NLL term on the chosen answers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from training.objectives.finetune import FinetuneObjective, answer_logprobs
+from training.sft_data import PairRows, pad_right
+
+
+def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
+                   nll_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs,
+    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2)."""
+    from model.losses import IGNORE, dpo_loss
+
+    labels = batch["labels"]
+    logp = answer_logprobs(model, batch["tokens"], labels)  # (2B,)
+    ref = batch["ref"]
+    b = logp.shape[0] // 2
+    s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)
+    chosen_nll = -logp[:b].sum() / (labels[:b] != IGNORE).sum().clamp_min(1)
+    loss = s.loss + nll_weight * chosen_nll if nll_weight else s.loss
+    pc, pr = logp[:b].detach(), logp[b:].detach()
+    return loss, {"dpo_loss": s.loss.detach(), "chosen_nll": chosen_nll.detach(), "reward_margin": s.reward_margin,
+                  "reward_accuracy": s.accuracy, "chosen_logp": pc.mean(), "rejected_logp": pr.mean(),
+                  "logp_margin": (pc - pr).mean()}
+
+
+@dataclass
+class DpoObjective(FinetuneObjective):
+    """DPO: ``dpo_batch_loss`` on PairRows (B chosen rows followed by their B rejected rows, with reference
+    log-probs); DPO statistics (reward margin/accuracy, log-probs) next to the loss."""
+
+    name: ClassVar[str] = "dpo"
+    rows: ClassVar[type] = PairRows
+    """The row source of the rendered parquet files (training/sft_data.py)."""
+    columns: ClassVar[tuple[str, ...]] = ("c_inputs", "c_labels", "r_inputs", "r_labels")
+    """The rendered pairs' parquet columns (the reference log-probs are added as ref_chosen / ref_rejected)."""
+    beta: float = 0.1
+    """DPO β."""
+    nll_weight: float = 0.0
+    """Weight of the chosen answers' per-token NLL added to the loss."""
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return dpo_batch_loss(model, batch, self.beta, self.nll_weight)
+
+    def report_settings(self) -> dict[str, Any]:
+        return {"beta": self.beta, "nll_weight": self.nll_weight}
+
+
+@torch.no_grad()
+def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]], pad_id: int,
+                       batch_size: int = 16) -> tuple[list[float], list[float]]:
+    """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference)."""
+    from model.losses import IGNORE
+
+    model.eval()
+    out: list[list[float]] = [[], []]
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        for side, (ci, cl) in enumerate(((0, 1), (2, 3))):
+            tokens = pad_right([r[ci] for r in chunk], pad_id)
+            labels = pad_right([r[cl] for r in chunk], IGNORE)
+            out[side] += answer_logprobs(model, tokens, labels).tolist()
+    return out[0], out[1]
