@@ -2,17 +2,21 @@
 
 Every job describes its settings as a (nested) dataclass with a docstring under each field. ``load_config`` reads a
 YAML file, applies dotted overrides (``--set train.lr=3e-4 --set model.preset=tiny``), and builds the dataclass,
-rejecting unknown keys and wrongly typed values with a message that names the file and the field.
+rejecting unknown keys and wrongly typed values with a message that names the file and the field. ``run_job`` is
+every command's ``main``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
+import sys
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
@@ -215,3 +219,49 @@ def job_arg_parser(prog: str, description: str | None) -> argparse.ArgumentParse
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one config field, dotted for nesting (repeatable)")
     return ap
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A command-line shortcut for one override: ``--model DIR`` for ``--set model=DIR``, ``--no-serve`` for
+    ``--set serve.enabled=false``."""
+
+    name: str
+    """The option, e.g. "--model"."""
+    help: str
+    """Its line in ``--help``."""
+    override: str
+    """The override it stands for; "{}" takes the flag's value (a flag without "{}" is a switch)."""
+
+
+def run_job(name: str, doc: str | None, argv: list[str] | None, cls: type[T], fn: Callable[[T], Any], *,
+            show: Callable[[Any, T], None] | None = None, errors: tuple[type[Exception], ...] = (),
+            flags: tuple[Flag, ...] = (), load: Callable[..., T] | None = None) -> int:
+    """A command's ``main``: ``--config``/``--set`` (and ``flags``) build ``cls`` (``load``, default
+    ``load_config``), then ``fn(cfg)`` runs. Its result is printed as one JSON line, or handed to
+    ``show(result, cfg)``. A ConfigError — or one of ``errors``, the bad-input exceptions of this command — is one
+    line ``llamaray NAME: message`` on stderr and exit status 2; anything else is a bug and keeps its traceback."""
+    prog = f"llamaray {name}"
+    ap = job_arg_parser(prog, doc)
+    for f in flags:
+        if "{}" in f.override:
+            ap.add_argument(f.name, help=f.help)
+        else:
+            ap.add_argument(f.name, action="store_true", help=f.help)
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides)
+    for f in flags:
+        value = getattr(args, f.name.lstrip("-").replace("-", "_"))
+        if value:
+            overrides.append(f.override.format(value) if "{}" in f.override else f.override)
+    try:
+        cfg = (load or load_config)(cls, args.config, overrides)
+        result = fn(cfg)
+    except (ConfigError, *errors) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    if show is None:
+        print(json.dumps(result, default=str), flush=True)
+    else:
+        show(result, cfg)
+    return 0

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.config import DataConfig
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError, load_config, run_job
 from model.llama import ModelArgs
 
 
@@ -87,38 +87,33 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray clean", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_clean_config(args.config, args.overrides)
-        from corpus import pipeline
-
-        pipeline.validate(cfg.data, max_seq_len=cfg.model.max_seq_len)  # bad input fails before Ray starts
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"llamaray clean: {e}", file=sys.stderr)
-        return 2
-
+def clean(cfg: CleanJobConfig) -> dict[str, Any]:
+    """Validate the sources (before Ray starts), then clean, dedup, tokenize and pack them into ``cfg.out``."""
     from cluster.connect import connect
+    from corpus import pipeline
 
+    pipeline.validate(cfg.data, max_seq_len=cfg.model.max_seq_len)
     connect(cfg.ray_address or None, num_cpus=cfg.num_cpus or None)
     out = Path(cfg.out)
-    try:
-        tok_dir = pipeline.ensure_tokenizer(cfg.data, out, cfg.vocab_size or cfg.model.vocab_size)
-        data_cfg = dataclasses.replace(cfg.data, tokenizer=tok_dir)
-        prepared = pipeline.prepare(data_cfg, out, max_seq_len=cfg.model.max_seq_len)
-    except (ConfigError, ValueError) as e:
-        print(f"llamaray clean: {e}", file=sys.stderr)
-        return 2
+    tok_dir = pipeline.ensure_tokenizer(cfg.data, out, cfg.vocab_size or cfg.model.vocab_size)
+    prepared = pipeline.prepare(dataclasses.replace(cfg.data, tokenizer=tok_dir), out,
+                                max_seq_len=cfg.model.max_seq_len)
     if prepared.stats["vocab_size"] > cfg.model.vocab_size:
-        print(f"llamaray clean: the tokenizer {tok_dir} has {prepared.stats['vocab_size']} ids but model.vocab_size is "
-              f"{cfg.model.vocab_size}", file=sys.stderr)
-        return 2
-    print(format_stats(prepared.stats))
-    print(json.dumps({"out": str(out), "train_dir": str(prepared.train_dir), "val_dir": str(prepared.val_dir),
-                      "num_train": prepared.num_train, "num_val": prepared.num_val,
-                      "unigram_entropy_nats": round(pipeline.unigram_entropy(prepared.train_dir), 4)}))
-    return 0
+        raise ConfigError(f"the tokenizer {tok_dir} has {prepared.stats['vocab_size']} ids but model.vocab_size is "
+                          f"{cfg.model.vocab_size}")
+    return {"stats": prepared.stats, "out": str(out), "train_dir": str(prepared.train_dir),
+            "val_dir": str(prepared.val_dir), "num_train": prepared.num_train, "num_val": prepared.num_val,
+            "unigram_entropy_nats": round(pipeline.unigram_entropy(prepared.train_dir), 4)}
+
+
+def show(result: dict[str, Any], cfg: CleanJobConfig) -> None:
+    print(format_stats(result["stats"]))
+    print(json.dumps({k: v for k, v in result.items() if k != "stats"}))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("clean", __doc__, argv, CleanJobConfig, clean, show=show, errors=(ValueError, FileNotFoundError),
+                   load=lambda _cls, path, overrides: load_clean_config(path, overrides))
 
 
 if __name__ == "__main__":

@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from core.config import ConfigError
+from core.config import ConfigError, run_job
 from jobs.finetune import FinetuneConfig, render_start, train_finetune
-from jobs.trainer import RunSettings, run_job
+from jobs.trainer import RunSettings
 from training.loop import TrainConfig
 from training.objectives.dpo import DpoObjective, reference_logprobs
 
@@ -86,7 +86,7 @@ def dpo(cfg: DpoConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("llamaray dpo", __doc__, argv, DpoConfig, dpo)
+    return run_job("dpo", __doc__, argv, DpoConfig, dpo)
 
 
 if __name__ == "__main__":

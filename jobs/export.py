@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError, run_job
 from model.hf import CheckpointError, check_conversion, load_hf, resolve_dtype, save_hf
 from model.llama import ModelArgs
 
@@ -115,16 +115,7 @@ def export(cfg: ExportConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray export", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(ExportConfig, args.config, args.overrides)
-        summary = export(cfg)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"llamaray export: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_job("export", __doc__, argv, ExportConfig, export, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

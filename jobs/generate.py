@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError, run_job
 
 
 @dataclass
@@ -110,22 +110,17 @@ def run(cfg: GenerateConfig) -> list[dict]:
             for row in out for c in row]
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray generate", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(GenerateConfig, args.config, args.overrides)
-        results = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"llamaray generate: {e}", file=sys.stderr)
-        return 2
+def show(results: list[dict], cfg: GenerateConfig) -> None:
     for r in results:
         if cfg.json:
             print(json.dumps(r, ensure_ascii=False))
         else:
             print(f"--- prompt {r['prompt_index']} sample {r['sample']} ({r['finish_reason']})")
             print(r["prompt"] + r["text"] if not cfg.chat else r["text"])
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("generate", __doc__, argv, GenerateConfig, run, show=show, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

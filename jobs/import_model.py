@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import run_job
 from model.hf import CheckpointError, check_conversion, load_hf, save_hf
 
 
@@ -84,18 +84,14 @@ def import_model(cfg: ImportConfig) -> dict:
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray import", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(ImportConfig, args.config, args.overrides)
-        summary = import_model(cfg)
-    except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"llamaray import: {e}", file=sys.stderr)
-        return 2
+def show(summary: dict, cfg: ImportConfig) -> None:
     print(f"imported {summary['params']:,} parameters ({summary['source']}) into {summary['out']}", file=sys.stderr)
     print(json.dumps(summary))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("import", __doc__, argv, ImportConfig, import_model, show=show,
+                   errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from cluster.storage import storage_dir
-from core.config import ConfigError, deep_merge, from_dict, job_arg_parser, load_config, to_dict
+from core.config import ConfigError, Flag, deep_merge, from_dict, load_config, run_job, to_dict
 
 Stage = Literal["pretrain", "sft", "rs", "dpo"]
 
@@ -299,18 +299,9 @@ def plot(root: Path, summary: dict) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray pipeline", __doc__)
-    ap.add_argument("--no-serve", action="store_true",
-                    help="skip the final serve step (same as --set serve.enabled=false)")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(PipelineConfig, args.config,
-                          list(args.overrides) + (["serve.enabled=false"] if args.no_serve else []))
-        summary = run(cfg)
-    except ConfigError as e:
-        print(f"llamaray pipeline: {e}", file=sys.stderr)
-        return 2
+def show(summary: dict, cfg: PipelineConfig) -> None:
+    """One JSON line (held-out accuracy per stage, the final model, where it is served), the serve command, and —
+    when the serve step keeps the model up in the foreground — serving until Ctrl-C."""
     stages = {k: v.get("heldout_accuracy") for k, v in summary["stages"].items()}
     served = summary.get("served")
     print(json.dumps({"heldout_accuracy": stages, "final_model": summary["final_model"],
@@ -321,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"serving at {served['endpoint']} until Ctrl-C", file=sys.stderr, flush=True)
         hold(served["app"])
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("pipeline", __doc__, argv, PipelineConfig, run, show=show,
+                   flags=(Flag("--no-serve", "skip the final serve step (same as --set serve.enabled=false)",
+                               "serve.enabled=false"),))
 
 
 if __name__ == "__main__":

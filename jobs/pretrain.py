@@ -41,9 +41,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.config import ConfigError, to_dict
+from core.config import ConfigError, run_job, to_dict
 from corpus.config import DataConfig
-from jobs.trainer import (RunSettings, ScalingSettings, check_cluster, checkpoint_location, fit_on_ray, run_job,
+from jobs.trainer import (RunSettings, ScalingSettings, check_cluster, checkpoint_location, fit_on_ray,
                           run_store, stream_rows, train_dataset)
 from model.llama import ModelArgs
 from training.data_stream import ParquetRows
@@ -131,7 +131,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("llamaray pretrain", __doc__, argv, PretrainConfig, pretrain)
+    return run_job("pretrain", __doc__, argv, PretrainConfig, pretrain)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import sys
 import time
 import urllib.request
 
-from jobs.serve import check_model_dir, deploy, parse, with_api_key
-from core.config import ConfigError
+from jobs.serve import MODEL_FLAG, ServeJobConfig, check_model_dir, deploy, with_api_key
+from core.config import run_job
 
 
 def served_hash(url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
@@ -62,16 +62,16 @@ def promote(cfg, *, engine_cls: type | None = None, settle_s: float = 120.0) -> 
         time.sleep(0.2)
 
 
+def show(model_hash: str, cfg) -> None:
+    print(json.dumps({"app": cfg.app_name, "model": cfg.model, "hash": model_hash}), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv, "llamaray promote", __doc__)
-        cfg = dataclasses.replace(cfg, detach=True, ray_address=cfg.ray_address or "auto")  # join, never start
-        h = promote(cfg)
-    except (ConfigError, ValueError, TimeoutError, RuntimeError) as e:
-        print(f"llamaray promote: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"app": cfg.app_name, "model": cfg.model, "hash": h}), flush=True)
-    return 0
+    def join_and_promote(cfg) -> str:  # promote joins the running cluster, never starts one
+        return promote(dataclasses.replace(cfg, detach=True, ray_address=cfg.ray_address or "auto"))
+
+    return run_job("promote", __doc__, argv, ServeJobConfig, join_and_promote, show=show,
+                   errors=(ValueError, TimeoutError, RuntimeError), flags=(MODEL_FLAG,))
 
 
 if __name__ == "__main__":

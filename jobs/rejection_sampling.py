@@ -40,7 +40,7 @@ from typing import Literal
 
 from actors.scorers import ScorerConfig
 from cluster.storage import RunStore, check_uri, is_uri, require_path
-from core.config import ConfigError, job_arg_parser, load_config, to_dict
+from core.config import ConfigError, run_job, to_dict
 
 log = logging.getLogger("llamaray.rs")
 
@@ -472,16 +472,8 @@ def report(out_dir: Path, rows: list[dict], per_task: dict[str, dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray rs", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(RSConfig, args.config, args.overrides)
-        manifest = run(cfg)
-    except ConfigError as e:
-        print(f"llamaray rs: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: manifest[k] for k in ("prompts", "sft_rows", "dpo_rows", "failed", "tokens_generated")}))
-    return 0
+    return run_job("rs", __doc__, argv, RSConfig,
+                   lambda cfg: {k: run(cfg)[k] for k in ("prompts", "sft_rows", "dpo_rows", "failed", "tokens_generated")})
 
 
 if __name__ == "__main__":

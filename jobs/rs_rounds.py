@@ -22,7 +22,7 @@ from pathlib import Path
 
 from actors.scorers import ScorerConfig
 from cluster.storage import require_path, storage_dir
-from core.config import ConfigError, deep_merge, from_dict, job_arg_parser, load_config
+from core.config import ConfigError, deep_merge, from_dict, run_job
 from jobs.rejection_sampling import PoolConfig, PromptSource, RSConfig, SelectionConfig, atomic_write
 from jobs.sft import SftConfig
 
@@ -171,18 +171,14 @@ def plot(out: Path, state: dict) -> None:
     plt.close(fig)
 
 
+def summary(cfg: RoundsConfig) -> dict:
+    state = run(cfg)
+    return {"baseline": state["baseline_accuracy"],
+            "rounds": [{k: r[k] for k in ("round", "accuracy", "sft_rows")} for r in state["rounds"]]}
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray rs-rounds", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(RoundsConfig, args.config, args.overrides)
-        state = run(cfg)
-    except ConfigError as e:
-        print(f"llamaray rs-rounds: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"baseline": state["baseline_accuracy"],
-                      "rounds": [{k: r[k] for k in ("round", "accuracy", "sft_rows")} for r in state["rounds"]]}))
-    return 0
+    return run_job("rs-rounds", __doc__, argv, RoundsConfig, summary)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from typing import Literal
 
 from actors.server import LLMConfig, ScalingConfig
 from cluster.storage import require_path
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError, Flag, run_job
 
 
 @dataclass(frozen=True)
@@ -212,29 +212,17 @@ def hold(app_name: str) -> None:
         serve.delete(app_name)
 
 
-def add_model_flag(ap) -> None:
-    ap.add_argument("--model", help="HF-format checkpoint directory (same as --set model=DIR)")
+MODEL_FLAG = Flag("--model", "HF-format checkpoint directory (same as --set model=DIR)", "model={}")
 
 
-def parse(argv: list[str] | None, prog: str, doc: str | None) -> ServeJobConfig:
-    ap = job_arg_parser(prog, doc)
-    add_model_flag(ap)
-    args = ap.parse_args(argv)
-    overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
-    return load_config(ServeJobConfig, args.config, overrides)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv, "llamaray serve", __doc__)
-        url = deploy(cfg)
-    except (ConfigError, ValueError) as e:
-        print(f"llamaray serve: {e}", file=sys.stderr)
-        return 2
+def show(url: str, cfg: ServeJobConfig) -> None:
     print(json.dumps({"url": url, "app": cfg.app_name, "model": str(Path(cfg.model).resolve())}), flush=True)
     if not cfg.detach:
         hold(cfg.app_name)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("serve", __doc__, argv, ServeJobConfig, deploy, show=show, errors=(ValueError,), flags=(MODEL_FLAG,))
 
 
 if __name__ == "__main__":

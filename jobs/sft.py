@@ -37,9 +37,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from core.config import ConfigError
+from core.config import ConfigError, run_job
 from jobs.finetune import FinetuneConfig, render_start, task_prompts, train_finetune
-from jobs.trainer import RunSettings, run_job
+from jobs.trainer import RunSettings
 from training.loop import TrainConfig
 from training.objectives.sft import SftObjective
 
@@ -93,7 +93,7 @@ def sft(cfg: SftConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_job("llamaray sft", __doc__, argv, SftConfig, sft)
+    return run_job("sft", __doc__, argv, SftConfig, sft)
 
 
 if __name__ == "__main__":

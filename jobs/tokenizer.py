@@ -22,14 +22,13 @@ unless ``exact_vocab=true``, which fails instead.
 from __future__ import annotations
 
 import glob
-import json
 import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError, run_job
 from model.tokenizer import MIN_VOCAB, SentencePieceTokenizer
 
 
@@ -102,16 +101,7 @@ def run(cfg: TokenizerJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = job_arg_parser("llamaray tokenizer", __doc__)
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(TokenizerJobConfig, args.config, args.overrides)
-        summary = run(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"llamaray tokenizer: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+    return run_job("tokenizer", __doc__, argv, TokenizerJobConfig, run, errors=(ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from cluster.storage import RunStore, check_uri, is_uri, resolve
-from core.config import ConfigError, job_arg_parser, load_config
+from core.config import ConfigError
 from training.data_stream import StreamRows
 from training.loop import LoopSpec, run_worker
 
@@ -282,18 +281,3 @@ def checkpoint_location(result: Any, store: RunStore) -> str | None:
     if result.checkpoint is None:
         return None
     return store.location(Path(result.checkpoint.path).name) if store.uri else result.checkpoint.path
-
-
-def run_job(prog: str, doc: str | None, argv: list[str] | None, cls: type, fn: Callable[[Any], dict]) -> int:
-    """A training command's ``main``: parse ``--config``/``--set`` into ``cls``, run ``fn``, print its result as
-    JSON; a ConfigError is one line on stderr and exit status 2."""
-    ap = job_arg_parser(prog, doc)
-    a = ap.parse_args(argv)
-    try:
-        cfg = load_config(cls, a.config, a.overrides)
-        out = fn(cfg)
-    except ConfigError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, default=str))
-    return 0
