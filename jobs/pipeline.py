@@ -281,22 +281,12 @@ def serve_step(step: ServeStep, model: str, heldout: Path) -> dict:
 
 
 def plot(root: Path, summary: dict) -> None:
-    import matplotlib
+    from core.report import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names, accs = [], []
-    for stage, info in summary["stages"].items():
-        if "heldout_accuracy" in info:
-            names.append(stage)
-            accs.append(info["heldout_accuracy"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, accs, color="#4477aa")
-    ax.set(title="held-out greedy accuracy after each stage", ylabel="accuracy", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(root / "summary.png", dpi=100)
-    plt.close(fig)
+    accs = {stage: info["heldout_accuracy"] for stage, info in summary["stages"].items() if "heldout_accuracy" in info}
+    with png(root / "summary.png") as ax:
+        ax.bar(list(accs), list(accs.values()), color="#4477aa")
+        ax.set(title="held-out greedy accuracy after each stage", ylabel="accuracy", ylim=(0, 1))
 
 
 def show(summary: dict, cfg: PipelineConfig) -> None:

@@ -109,9 +109,7 @@ def _floats(rows: list[dict[str, str]], key: str) -> tuple[list[int], list[float
 
 def write_report(metrics_dir: str | Path, *, extra: dict[str, Any] | None = None) -> Path:
     """``report.json`` + ``report.md`` + ``loss.png`` in ``metrics_dir`` from its CSV; returns the JSON path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from core.report import png
 
     d = Path(metrics_dir)
     rows = read_csv(d / "metrics.csv")
@@ -121,14 +119,13 @@ def write_report(metrics_dir: str | Path, *, extra: dict[str, Any] | None = None
     vsteps, vloss = _floats(rows, "val_loss")
     _, tps = _floats(rows, "tokens_per_s")
     _, mfu = _floats(rows, "mfu")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, loss, label="train loss")
-    if vloss:
-        ax.plot(vsteps, vloss, "o-", label="val loss")
-    ax.set_xlabel("step"); ax.set_ylabel("cross-entropy (nats)"); ax.legend(); ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(d / "loss.png", dpi=100)
-    plt.close(fig)
+    with png(d / "loss.png", size=(7, 4)) as ax:
+        ax.plot(steps, loss, label="train loss")
+        if vloss:
+            ax.plot(vsteps, vloss, "o-", label="val loss")
+        ax.set(xlabel="step", ylabel="cross-entropy (nats)")
+        ax.legend()
+        ax.grid(alpha=0.3)
 
     def median(xs: list[float]) -> float | None:
         return sorted(xs)[len(xs) // 2] if xs else None
