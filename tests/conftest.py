@@ -25,3 +25,20 @@ def _fresh_ray_per_module():
     _shutdown_ray()
     yield
     _shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def sft_task(tmp_path_factory):
+    """The one-digit-addition SFT task of tests/sft_task.py (files and tokenizer)."""
+    from sft_task import make_task
+
+    return make_task(tmp_path_factory.mktemp("sft-task"))
+
+
+@pytest.fixture(scope="session")
+def sft_trained(sft_task, tmp_path_factory):
+    """One full SFT run on ``sft_task``, trained once per session: (run dir, sft() result). Read it, never write
+    into it (test_sft checks its metrics; test_dpo and test_rs_rounds start from its export)."""
+    from sft_task import train_full
+
+    return train_full(sft_task, tmp_path_factory.mktemp("sft-runs"))

@@ -1,9 +1,9 @@
 """DPO end to end on CPU: 2 Ray Train workers (gloo, FSDP2), synthetic arithmetic preference pairs.
 
 A DPO run from random weights cannot tell a right sum from a wrong one on held-out pairs (measured: implicit-reward
-accuracy 0.53 after 100 steps), so the module first runs a short SFT (300 steps of 16 chats) on the same one-digit additions and
-starts DPO from its export — the usual SFT → DPO order. Pairs are tasks/arithmetic.dpo_row (the correct worked answer
-vs the same answer with the sum off by ±1, ±2 or ±10); held-out pairs come from another seed.
+accuracy 0.53 after 100 steps), so DPO starts from the export of the session's shared SFT run (tests/sft_task.py:
+300 steps of 16 chats on the same one-digit additions) — the usual SFT → DPO order. Pairs are
+tasks/arithmetic.dpo_row (the correct worked answer vs the same answer with the sum off by ±1, ±2 or ±10); held-out pairs come from another seed.
 
 Measurements that set the bars (2 CPU workers): init = a 100-step SFT, 60 DPO steps at lr 1e-3: held-out accuracy
 0.02 → 0.59 with chosen log-probs collapsing (−7 → −35; lr too high). Kept setting (300-step SFT init, 100 DPO steps,
@@ -23,10 +23,8 @@ import torch
 
 from core.config import load_config
 from jobs.dpo import DpoConfig, dpo, main
-from jobs.sft import SftConfig, sft
 from training.sft_data import read_rows, render_all, render_pair, write_jsonl
-from model.tokenizer import SentencePieceTokenizer
-from tasks.arithmetic import dpo_row, problems, sft_row
+from tasks.arithmetic import dpo_row, problems
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -45,18 +43,9 @@ def common(storage: Path, name: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sft_init(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("sft")
-    train = [sft_row(p) for p in problems(2000, seed=1, digits=1, ops="+")]
-    text = d / "text.txt"
-    text.write_text("\n".join(r["messages"][0]["content"] + " " + r["messages"][1]["content"] for r in train))
-    SentencePieceTokenizer.train([text], d / "tok", vocab_size=400)
-    write_jsonl(train, d / "train.jsonl")
-    out = sft(load_config(SftConfig, "sft-tiny", common(d, "sft") + [
-        f"tokenizer={d / 'tok'}", f"data.train={d / 'train.jsonl'}", "data.val_fraction=0.0", "eval.metric=none",
-        "train.max_steps=300", "train.batch_size=16", "train.micro_batch_size=8", "train.lr=0.003",
-        "train.warmup_steps=10"]))
-    return Path(out["export"])
+def sft_init(sft_trained) -> Path:
+    """The session's shared SFT run (tests/sft_task.py: 300 steps of 16 one-digit additions) — DPO starts from it."""
+    return Path(sft_trained[1]["export"])
 
 
 @pytest.fixture(scope="module")
