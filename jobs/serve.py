@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from actors.server import LLMConfig, ScalingConfig
+from actors.serve_config import LLMConfig, ScalingConfig
 from cluster.storage import require_path
 from core.config import ConfigError, job_arg_parser, load_config
 
