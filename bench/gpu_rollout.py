@@ -1,4 +1,4 @@
-"""GPU rollouts: the rejection-sampling rollout actor (``actors.rollout.RolloutPool`` + ``VLLMBatchEngine`` in a Ray
+"""GPU rollouts: the rejection-sampling rollout actor (``actors.rollout.RolloutPool`` + the ``vllm`` engine in a Ray
 actor holding the GPU) vs bare ``vllm.LLM.generate`` in this process — same card, same prompts, same SamplingParams
 (n = K, temperature 0.8, fixed max_tokens with ignore_eos so both generate exactly prompts × K × max_tokens tokens),
 bf16, CUDA graphs (``enforce_eager=False``) — plus a weight reload into the live actor.
@@ -26,9 +26,9 @@ medians of ``--repeats`` after one warm-up):
                   Ray round trip, Candidate objects back) — target ≥ 0.95 × bare
   actor_rs_batch  the same prompts as the RS job feeds them: batches of ``--rs-batch`` (pool.batch_size, 16) with
                   ``max_in_flight`` 2 — what ``jobs.rejection_sampling`` actually gets from one actor
-Reload: ``pool.load_weights(other checkpoint)`` (VLLMBatchEngine: shut the engine down, start a fresh ``LLM`` on the
+Reload: ``pool.load_weights(other checkpoint)`` (VLLMEngine.load_weights: shut the engine down, start a fresh ``LLM`` on the
 new directory inside the same actor), wall seconds, then one timed actor run on the new weights.
-``--reference``: the actor with ``ReferenceBatchEngine`` instead (float32 and bf16), for ``pool.engine``'s choice.
+``--reference``: the actor with the ``reference`` engine instead (float32 and bf16), for ``pool.engine``'s choice.
 
 Measured 2026-12-02 on one H200 (vLLM 0.20.2, bf16, CUDA graphs), 64 prompts × 8 × 128 tokens: actor / bare 1.07
 (smollm2-135m, 38 591 vs 36 139 tokens/s) and 1.05 (llama-1b, 34 077 vs 32 560); 0.85–0.89 at 16 × 8 × 48, the RS
@@ -155,7 +155,8 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from actors.rollout import PromptItem, RolloutParams, RolloutPool, VLLMBatchEngine
+    from actors.engines import EngineOptions, GenParams
+    from actors.rollout import PromptItem, RolloutPool
     from model.tokenizer import load_tokenizer
     from tasks.arithmetic import problems
 
@@ -176,7 +177,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     res["start_bare_s"] = round(time.perf_counter() - t, 1)
     log(f"{shape}: bare engine up in {res['start_bare_s']} s")
     t = time.perf_counter()
-    pool = RolloutPool(d0, num_actors=1, engine_cls=VLLMBatchEngine, engine_opts=engine_opts,
+    pool = RolloutPool(d0, num_actors=1, engine="vllm", options=EngineOptions(**engine_opts),
                        actor_options={"num_cpus": 1, "num_gpus": 0 if a.cpu else 1}, max_in_flight=1)
     res["start_actor_s"] = round(time.perf_counter() - t, 1)
     log(f"{shape}: actor engine up in {res['start_actor_s']} s")
@@ -189,7 +190,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
         ids = [tok.encode(tok.apply_chat_template(i.messages, add_generation_prompt=True), bos=True) for i in items]
         reqs = [TokensPrompt(prompt_token_ids=x) for x in ids]
         sp = SamplingParams(n=K, temperature=0.8, top_p=1.0, top_k=-1, max_tokens=T, ignore_eos=True)
-        params = RolloutParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
+        params = GenParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
         rs_batches = [items[i:i + a.rs_batch] for i in range(0, P, a.rs_batch)]
         total = P * K * T
 
@@ -229,7 +230,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     wl = res["workloads"][0]
     P, K, T = wl["prompts"], wl["k"], wl["max_tokens"]
     items = [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in problems(P, seed=11)]
-    params = RolloutParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
+    params = GenParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
     before = list(pool.map([items[:1]], params))[0][0].candidates[0].token_ids[:16]
     h0 = pool.health()[0].model_hash
     t = time.perf_counter()
@@ -242,7 +243,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     dt = time.perf_counter() - t
     res["reload"] = {"hash_before": h0, "hash_after": hashes[0], "hash_changed": hashes[0] != h0,
                      "first_tokens_changed": before != after, "tokens_per_s_after": round(n / dt, 1),
-                     "what": "VLLMBatchEngine.load_weights: engine shutdown + a fresh LLM on the new dir"}
+                     "what": "VLLMEngine.load_weights: engine shutdown + a fresh LLM on the new dir"}
     pool.shutdown()
     try:
         llm.llm_engine.engine_core.shutdown()
@@ -254,9 +255,10 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
 
 
 def bench_reference(a, shape: str, work: Path, device: str) -> dict:
-    """The same actor path with the reference sampler (``ReferenceBatchEngine``) as the engine, per dtype — what
+    """The same actor path with the reference sampler (the ``reference`` engine), per dtype — what
     ``pool.engine: reference`` gives on this card (no vLLM needed: runs with Ray staged alone)."""
-    from actors.rollout import PromptItem, ReferenceBatchEngine, RolloutParams, RolloutPool
+    from actors.engines import EngineOptions, GenParams
+    from actors.rollout import PromptItem, RolloutPool
     from tasks.arithmetic import problems
 
     res: dict = {"bench": "gpu_rollout_reference", "shape": shape, "machine": machine(), "workloads": []}
@@ -265,13 +267,13 @@ def bench_reference(a, shape: str, work: Path, device: str) -> dict:
     res["export_s"] = round(e0, 1)
     for dtype in a.ref_dtypes.split(","):
         t = time.perf_counter()
-        pool = RolloutPool(d0, num_actors=1, engine_cls=ReferenceBatchEngine, engine_opts={"seed": 0, "dtype": dtype},
+        pool = RolloutPool(d0, num_actors=1, engine="reference", options=EngineOptions(seed=0, dtype=dtype),
                            actor_options={"num_cpus": 1, "num_gpus": 0 if a.cpu else 1}, max_in_flight=1)
         start = time.perf_counter() - t
         for wl in a.workloads.split(","):
             P, K, T = (int(x) for x in wl.split("x"))
             items = [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in problems(P, seed=11)]
-            params = RolloutParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
+            params = GenParams(n=K, temperature=0.8, max_tokens=T, ignore_eos=True)
             n = count_tokens_actor(list(pool.map([items], params)))  # warm-up
             if n != P * K * T:
                 raise RuntimeError(f"reference {shape} {wl}: {n} tokens, expected {P * K * T}")

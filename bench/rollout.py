@@ -9,8 +9,8 @@ Runbook::
 Prints ONE JSON line: machine, workload, and generated tokens/s for
   vllm_bare_n        vllm.LLM.generate(prompts, n=K) in this process
   vllm_bare_dup      vllm.LLM.generate(K copies of each prompt, n=1)
-  vllm_actor_n       the same workload through RolloutPool (1 actor, VLLMBatchEngine) — target ≥ 0.9 × vllm_bare_n
-  reference_actor_n  the same workload through RolloutPool (1 actor, ReferenceBatchEngine) — target ≥ 2 × vllm_actor_n on CPU
+  vllm_actor_n       the same workload through RolloutPool (1 actor, engine vllm) — target ≥ 0.9 × vllm_bare_n
+  reference_actor_n  the same workload through RolloutPool (1 actor, engine reference) — target ≥ 2 × vllm_actor_n on CPU
 Each is the median of ``--repeats`` timed runs after one warm-up. Prompts are generated arithmetic word problems rendered
 with the model's chat template; sampling at temperature 0.8 with eos ignored so every engine generates exactly
 prompts × K × max_tokens tokens. What it leaves out: GPU (vLLM's CUDA wheel is not installable on the device machine).
@@ -22,7 +22,7 @@ load 0.35 at start), the issue's workload — SmolLM2-135M-Instruct, 32 prompts 
 |----------------------------------------|---------:|-----------------------------|
 | bare ``vllm.LLM.generate``, n=8        |    270.8 |                             |
 | bare, 8 duplicated prompts, n=1        |    278.0 | n=K / duplicated = 0.97     |
-| RolloutPool, 1 actor, VLLMBatchEngine  |    284.1 | actors / bare = 1.05 (≥ 0.9) |
+| RolloutPool, 1 actor, engine vllm      |    284.1 | actors / bare = 1.05 (≥ 0.9) |
 | RolloutPool, 1 actor, reference engine |    164.3 | reference / vLLM = 0.58     |
 
 The same box, 16 × n=8 × 24 tokens: bare 219.0, duplicated 221.0, actor 189.2 (0.86×: at 14 s a run the actor's
@@ -73,7 +73,8 @@ def main() -> int:
 
     import ray
 
-    from actors.rollout import PromptItem, ReferenceBatchEngine, RolloutParams, RolloutPool, VLLMBatchEngine
+    from actors.engines import EngineOptions, GenParams
+    from actors.rollout import PromptItem, RolloutPool
     from model.tokenizer import load_tokenizer
     from tasks.arithmetic import problems
 
@@ -93,9 +94,9 @@ def main() -> int:
     probs = problems(args.prompts, seed=11)
     items = [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in probs]
     ids = [tok.encode(tok.apply_chat_template(i.messages, add_generation_prompt=True), bos=True) for i in items]
-    params = RolloutParams(n=args.k, temperature=0.8, max_tokens=args.max_tokens, ignore_eos=True)
+    params = GenParams(n=args.k, temperature=0.8, max_tokens=args.max_tokens, ignore_eos=True)
     total = args.prompts * args.k * args.max_tokens
-    engine_opts = {"dtype": "float32", "enforce_eager": not args.compile}
+    engine_opts = EngineOptions(dtype="float32", enforce_eager=not args.compile)
     out = {"bench": "rollout", "machine": cpu_info(), "model": args.model,
            "workload": {"prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens,
                         "tokens_per_run": total, "vllm_compiled": args.compile}, "tokens_per_s": {}}
@@ -116,9 +117,9 @@ def main() -> int:
 
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
         k: os.environ[k] for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")}})
-    for name, cls, opts in (("vllm_actor_n", VLLMBatchEngine, engine_opts), ("reference_actor_n", ReferenceBatchEngine,
-                                                                              {"num_threads": 2})):
-        pool = RolloutPool(model_dir, num_actors=1, engine_cls=cls, engine_opts=opts,
+    for name, engine, opts in (("vllm_actor_n", "vllm", engine_opts),
+                               ("reference_actor_n", "reference", EngineOptions(num_threads=2))):
+        pool = RolloutPool(model_dir, num_actors=1, engine=engine, options=opts,
                            actor_options={"num_cpus": 2}, max_in_flight=1)
         rate[name] = total / timed(lambda: list(pool.map([items], params)), args.repeats)
         pool.shutdown()

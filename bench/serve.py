@@ -149,8 +149,8 @@ def our_server(model_dir: Path, args):
     import ray
     from ray import serve
 
-    from actors.engine import EngineOptions
-    from actors.server import LLMConfig, ScalingConfig
+    from actors.engines import EngineOptions
+    from actors.serve_config import LLMConfig, ScalingConfig
     from jobs.serve import ServeJobConfig, deploy
 
     cfg = ServeJobConfig(model=str(model_dir), port=free_port(), app_name="bench",

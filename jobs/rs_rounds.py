@@ -94,7 +94,8 @@ class RoundsConfig:
 def heldout_accuracy(pool, path: str, size: int, max_tokens: int, batch_size: int = 16) -> float:
     """Greedy accuracy of the pool's current policy on the first ``size`` held-out prompts (numeric verifier),
     ``batch_size`` prompts per actor call."""
-    from actors.rollout import PromptItem, RolloutParams
+    from actors.engines import GenParams
+    from actors.rollout import PromptItem
     from actors.verifiers import NumericVerifier
     from jobs.rejection_sampling import read_prompts
 
@@ -103,7 +104,7 @@ def heldout_accuracy(pool, path: str, size: int, max_tokens: int, batch_size: in
     refs = {p.id: p.reference for p in prompts}
     verify = NumericVerifier()
     correct = 0
-    greedy = RolloutParams(n=1, temperature=0.0, max_tokens=max_tokens)
+    greedy = GenParams(n=1, temperature=0.0, max_tokens=max_tokens)
     for results in pool.map([items[i:i + batch_size] for i in range(0, len(items), batch_size)], greedy):
         for r in results:
             correct += int(not r.error and verify(r.candidates[0].text, refs[r.id]).passed)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from actors.server import LLMConfig, ScalingConfig
+from actors.serve_config import LLMConfig, ScalingConfig
 from cluster.storage import require_path
 from core.config import ConfigError, Flag, run_job
 
@@ -114,12 +114,13 @@ def check_model_dir(model: str | os.PathLike, job: str = "serve") -> Path:
 
 
 def connect(cfg: ServeJobConfig) -> None:
-    """Join (or start) Ray and start Serve's HTTP proxy on cfg.host:cfg.port (no-op when already running)."""
-    import ray
+    """Join (or start) Ray through ``cluster.connect`` (address, RAY_ADDRESS, environment, Ray's token auth) and
+    start Serve's HTTP proxy on cfg.host:cfg.port (no-op when already running)."""
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False)
+    from cluster.connect import connect as connect_ray
+
+    connect_ray(cfg.ray_address, log_to_driver=False)
     serve.start(proxy_location=cfg.proxy_location,
                 http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s})
 

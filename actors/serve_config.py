@@ -1,0 +1,94 @@
+"""Settings of the Serve deployment: what each replica needs (``LLMConfig``) and how many run (``ScalingConfig``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from actors.engines import EngineOptions
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    """What a replica needs besides the model directory."""
+
+    engine: str = "auto"
+    """A registered engine (``vllm``: AsyncLLM, ``reference``: the PyTorch sampler, …), or ``auto``: vLLM when
+    importable, else the reference engine."""
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
+    """Engine settings (context length, dtype, KV cache size, …); ones the engine cannot honour are refused."""
+    api_key: str | None = None
+    """When set, /v1/* requires ``Authorization: Bearer <api_key>`` (401 otherwise). Prefer the environment
+    variable LLAMARAY_API_KEY to writing it in a file."""
+    max_n: int = 8
+    """Largest ``n`` (choices per prompt) accepted."""
+    max_body_bytes: int = 1 << 20
+    """Larger request bodies get 413."""
+    max_prompts: int = 16
+    """Most prompts in one /v1/completions request."""
+    drain_timeout_s: float = 600.0
+    """After a promote, how long the old engine waits for its running streams before it is shut down anyway."""
+    stream_interval_ms: float = 25.0
+    """Streaming: after the first token (sent at once), deltas that arrive within this window go out in one HTTP
+    write (one server-sent event each). Fewer writes through Serve's proxy keep throughput up under load, at the
+    cost of burstier inter-token timing; 0 sends each delta as soon as it exists (Ray LLM batches similarly)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.engine_options, dict):
+            object.__setattr__(self, "engine_options", EngineOptions(**self.engine_options))
+        if not isinstance(self.engine, str) or not self.engine:
+            raise ValueError(f"llm.engine must be an engine name, got {self.engine!r}")
+        if self.max_n < 1 or self.max_body_bytes < 1024 or self.max_prompts < 1:
+            raise ValueError(f"llm: need max_n >= 1, max_body_bytes >= 1024, max_prompts >= 1; got {self.max_n}, "
+                             f"{self.max_body_bytes}, {self.max_prompts}")
+        if not 0 <= self.stream_interval_ms <= 1000:
+            raise ValueError(f"llm.stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms}")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("llm.api_key must be at least 8 characters (or unset)")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Replica count, autoscaling and back-pressure of the deployment."""
+
+    min_replicas: int = 1
+    """Fewest replicas (autoscaling lower bound)."""
+    max_replicas: int = 1
+    """Most replicas; equal to min_replicas means a fixed size and no autoscaling."""
+    target_ongoing_requests: float = 4.0
+    """Autoscaling aims at this many in-flight requests per replica."""
+    upscale_delay_s: float = 10.0
+    """How long demand must stay high before a replica is added."""
+    downscale_delay_s: float = 60.0
+    """How long demand must stay low before a replica is removed."""
+    metrics_interval_s: float = 1.0
+    """How often replicas report load to the autoscaler (look-back window is 3× this)."""
+    max_ongoing_requests: int = 16
+    """Requests one replica runs at once (vLLM batches them); more wait in the queue."""
+    max_queued_requests: int = 32
+    """Requests allowed to wait for a replica; beyond that the answer is immediate 503 (or 429)."""
+    overload_status: int = 503
+    """Status of a request turned away by back-pressure: 503 or 429."""
+    retry_after_s: float | None = 1.0
+    """Retry-After header on back-pressure answers (None: no header)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per replica."""
+    num_gpus: float = 0.0
+    """GPUs per replica (vLLM with tensor_parallel_size > 1 needs that many)."""
+    graceful_shutdown_timeout_s: float = 60.0
+    """How long a replica being stopped may finish its running requests."""
+    health_check_period_s: float = 5.0
+    """How often Serve asks each replica's engine whether it is alive."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"scaling: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, "
+                             f"{self.max_replicas}")
+        if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
+            raise ValueError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
+                             "max_queued_requests >= 0")
+        if self.overload_status not in (503, 429):
+            raise ValueError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
+        if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:
+            raise ValueError("scaling: delays must be >= 0 and metrics_interval_s > 0")
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("scaling: num_cpus and num_gpus must be >= 0")
