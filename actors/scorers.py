@@ -13,6 +13,7 @@ from typing import Literal
 import ray
 
 from actors.verifiers import CodeVerifier, MatchVerifier, NumericVerifier, Verdict
+from core.config import ConfigError
 
 ScorerKind = Literal["numeric", "exact", "regex", "code", "reward_model", "logprob"]
 
@@ -36,9 +37,9 @@ class ScorerConfig:
 
     def __post_init__(self) -> None:
         if self.kind in ("reward_model", "logprob") and not self.model:
-            raise ValueError(f"scorer kind {self.kind!r} needs scorer.model (an HF directory)")
+            raise ConfigError(f"scorer kind {self.kind!r} needs scorer.model (an HF directory)")
         if self.time_limit_s <= 0 or self.memory_mb < 64:
-            raise ValueError(f"scorer: time_limit_s must be > 0 and memory_mb ≥ 64, got {self}")
+            raise ConfigError(f"scorer: time_limit_s must be > 0 and memory_mb ≥ 64, got {self}")
 
     @property
     def is_verifier(self) -> bool:

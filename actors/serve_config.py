@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from actors.engines import EngineOptions
+from core.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,14 @@ class LLMConfig:
         if isinstance(self.engine_options, dict):
             object.__setattr__(self, "engine_options", EngineOptions(**self.engine_options))
         if not isinstance(self.engine, str) or not self.engine:
-            raise ValueError(f"llm.engine must be an engine name, got {self.engine!r}")
+            raise ConfigError(f"llm.engine must be an engine name, got {self.engine!r}")
         if self.max_n < 1 or self.max_body_bytes < 1024 or self.max_prompts < 1:
-            raise ValueError(f"llm: need max_n >= 1, max_body_bytes >= 1024, max_prompts >= 1; got {self.max_n}, "
+            raise ConfigError(f"llm: need max_n >= 1, max_body_bytes >= 1024, max_prompts >= 1; got {self.max_n}, "
                              f"{self.max_body_bytes}, {self.max_prompts}")
         if not 0 <= self.stream_interval_ms <= 1000:
-            raise ValueError(f"llm.stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms}")
+            raise ConfigError(f"llm.stream_interval_ms must be in [0, 1000], got {self.stream_interval_ms}")
         if self.api_key is not None and len(self.api_key) < 8:
-            raise ValueError("llm.api_key must be at least 8 characters (or unset)")
+            raise ConfigError("llm.api_key must be at least 8 characters (or unset)")
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,14 @@ class ScalingConfig:
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_replicas <= self.max_replicas:
-            raise ValueError(f"scaling: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, "
+            raise ConfigError(f"scaling: need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, "
                              f"{self.max_replicas}")
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
-            raise ValueError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
+            raise ConfigError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
                              "max_queued_requests >= 0")
         if self.overload_status not in (503, 429):
-            raise ValueError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
+            raise ConfigError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:
-            raise ValueError("scaling: delays must be >= 0 and metrics_interval_s > 0")
+            raise ConfigError("scaling: delays must be >= 0 and metrics_interval_s > 0")
         if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError("scaling: num_cpus and num_gpus must be >= 0")
+            raise ConfigError("scaling: num_cpus and num_gpus must be >= 0")
