@@ -188,8 +188,9 @@ def split_rows(train_file: str, val_file: str, fraction: float, seed: int) -> tu
     return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
 
 
-def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[int]], list[str]]:
-    """The first ``n`` usable held-out rows as (prompt ids with the generation prompt, reference answer)."""
+def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) -> tuple[list[list[dict]], list[str]]:
+    """The first ``n`` usable held-out rows as (chat prompt without the answer, reference answer); rows whose prompt
+    plus ``max_new`` tokens would not fit ``max_len`` are skipped."""
     from training.sft_data import BadRow, prompt_messages, reference_answer
 
     prompts, refs = [], []
@@ -198,12 +199,13 @@ def task_prompts(rows: list[Any], tok: Any, n: int, max_len: int, max_new: int) 
             break
         try:
             ref = reference_answer(row)
-            ids = tok.render_chat(prompt_messages(row), add_generation_prompt=True)[0]
+            messages = prompt_messages(row)
+            ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), bos=True)
         except (BadRow, ValueError):
             continue
         if ref is None or not ref.strip() or len(ids) + max_new > max_len:
             continue
-        prompts.append(ids)
+        prompts.append(messages)
         refs.append(ref)
     return prompts, refs
 

@@ -183,19 +183,13 @@ def write_tasks(cfg: PipelineConfig) -> dict[str, Path]:
 
 
 def greedy_accuracy(model_dir: str, heldout: Path, max_new_tokens: int = 32) -> float:
-    """Held-out greedy accuracy with the reference sampler and the numeric verifier."""
-    from actors.verifiers import NumericVerifier
+    """Held-out greedy accuracy of an exported model with the reference sampler and the numeric verifier."""
     from model.hf import load_hf
-    from model.sampler import SamplingParams, generate
+    from tasks.evaluation import HeldOut, sampler_answerer
+    from tasks.evaluation import greedy_accuracy as score
 
     model, tok = load_hf(model_dir)
-    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
-    ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["prompt"]}]), bos=True) for r in rows]
-    outs = generate(model.eval(), ids, SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
-                                                      stop_token_ids=tuple(getattr(tok, "stop_ids", ()))),
-                    tokenizer=tok)
-    verify = NumericVerifier()
-    return sum(verify(o[0].text, r["reference"]).passed for o, r in zip(outs, rows)) / len(rows)
+    return score(sampler_answerer(model, tok, max_new_tokens), HeldOut.read(heldout)).accuracy
 
 
 def run(cfg: PipelineConfig) -> dict:

@@ -96,19 +96,18 @@ def heldout_accuracy(pool, path: str, size: int, max_tokens: int, batch_size: in
     ``batch_size`` prompts per actor call."""
     from actors.engines import GenParams
     from actors.rollout import PromptItem
-    from actors.verifiers import NumericVerifier
-    from jobs.rejection_sampling import read_prompts
+    from tasks.evaluation import HeldOut, greedy_accuracy
 
-    prompts = read_prompts([PromptSource(path=path)])[:size]
-    items = [PromptItem(p.id, p.messages) for p in prompts]
-    refs = {p.id: p.reference for p in prompts}
-    verify = NumericVerifier()
-    correct = 0
     greedy = GenParams(n=1, temperature=0.0, max_tokens=max_tokens)
-    for results in pool.map([items[i:i + batch_size] for i in range(0, len(items), batch_size)], greedy):
-        for r in results:
-            correct += int(not r.error and verify(r.candidates[0].text, refs[r.id]).passed)
-    return correct / max(1, len(items))
+
+    def answer(prompts: list[list[dict]]) -> list[str]:
+        items = [PromptItem(str(i), m) for i, m in enumerate(prompts)]
+        texts = {}
+        for results in pool.map([items[i:i + batch_size] for i in range(0, len(items), batch_size)], greedy):
+            texts.update({r.id: "" if r.error else r.candidates[0].text for r in results})
+        return [texts.get(str(i), "") for i in range(len(items))]
+
+    return greedy_accuracy(answer, HeldOut.read(path, size)).accuracy
 
 
 def run(cfg: RoundsConfig) -> dict:
@@ -156,20 +155,14 @@ def run(cfg: RoundsConfig) -> dict:
 
 
 def plot(out: Path, state: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from core.report import png
 
     xs = [0] + [r["round"] for r in state["rounds"]]
     ys = [state["baseline_accuracy"]] + [r["accuracy"] for r in state["rounds"]]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(xs, ys, marker="o")
-    ax.set(title="held-out greedy accuracy per round", xlabel="round (0 = start policy)", ylabel="accuracy",
-           ylim=(0, 1), xticks=xs)
-    fig.tight_layout()
-    fig.savefig(out / "rounds.png", dpi=100)
-    plt.close(fig)
+    with png(out / "rounds.png") as ax:
+        ax.plot(xs, ys, marker="o")
+        ax.set(title="held-out greedy accuracy per round", xlabel="round (0 = start policy)", ylabel="accuracy",
+               ylim=(0, 1), xticks=xs)
 
 
 def summary(cfg: RoundsConfig) -> dict:

@@ -48,8 +48,8 @@ class FinetuneObjective:
     """HF directory with the starting weights (None: fresh weights from train.seed)."""
     lora: LoraConfig | None = None
     """Adapters on a frozen base (None: full fine-tuning)."""
-    task_prompts: list[list[int]] = field(default_factory=list)
-    """Held-out prompt ids (with the generation prompt) for the task metric."""
+    task_prompts: list[list[dict[str, str]]] = field(default_factory=list)
+    """Held-out chat prompts (without the answer) for the task metric."""
     task_refs: list[str] = field(default_factory=list)
     """Reference answer of each task prompt."""
     task_metric: str = "none"
@@ -127,18 +127,12 @@ class FinetuneObjective:
         return plain.eval(), adapter
 
     def task_accuracy(self, plain: nn.Module, tok: Any) -> tuple[float, list[str]]:
-        """Greedy answers to the held-out prompts, scored with the numeric verifier or exact match."""
-        from actors.verifiers import MatchVerifier, NumericVerifier
-        from model.sampler import SamplingParams, generate
+        """Greedy answers to the held-out prompts, scored with the task metric's verifier (tasks/evaluation.py)."""
+        from tasks.evaluation import HeldOut, greedy_accuracy, sampler_answerer
 
-        verifier = NumericVerifier() if self.task_metric == "numeric" else MatchVerifier()
-        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                stop_token_ids=tuple(getattr(tok, "stop_ids", [tok.eos_id])))
-        with torch.no_grad():
-            outs = generate(plain, self.task_prompts, params, tokenizer=tok)
-        texts = [o[0].text or "" for o in outs]
-        correct = sum(verifier(t, r).passed for t, r in zip(texts, self.task_refs))
-        return correct / max(len(texts), 1), texts
+        score = greedy_accuracy(sampler_answerer(plain, tok, self.max_new_tokens),
+                                HeldOut(self.task_prompts, self.task_refs), self.task_metric)
+        return score.accuracy, score.answers
 
 
 def save_adapter(adapter: dict[str, Tensor], out_dir: str | Path, meta: dict[str, Any]) -> Path:
