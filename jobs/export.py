@@ -25,7 +25,6 @@ complete export.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.config import ConfigError, run_job
+from core.files import read_json
 from model.hf import CheckpointError, check_conversion, load_hf, resolve_dtype, save_hf
 from model.llama import ModelArgs
 
@@ -68,13 +68,9 @@ def checkpoint_kind(path: Path) -> str:
 
 def _dcp_model_args(ckpt: Path) -> ModelArgs:
     state_file = ckpt / "train_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{state_file}: file not found (the model shape of a DCP checkpoint lives there)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{state_file}: not valid JSON: {e}") from e
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+    state = read_json(state_file, CheckpointError,
+                      missing="file not found (the model shape of a DCP checkpoint lives there)")
+    if not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{state_file}: field 'model' (the ModelArgs of the run) is missing")
     try:
         return ModelArgs.from_dict(state["model"], source=f"{state_file} field 'model'")

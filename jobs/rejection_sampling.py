@@ -42,6 +42,7 @@ from actors.engines import EngineOptions
 from actors.scorers import ScorerConfig
 from cluster.storage import RunStore, check_uri, is_uri, require_path
 from core.config import ConfigError, run_job, to_dict
+from core.files import read_jsonl
 
 log = logging.getLogger("llamaray.rs")
 
@@ -174,13 +175,7 @@ def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
         if path.suffix == ".parquet":
             rows = pq.read_table(path).to_pylist()
         else:
-            rows = []
-            for ln, line in enumerate(path.read_text().splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ConfigError(f"{path}:{ln}: not valid JSON: {e}") from e
+            rows = [row for _, row in read_jsonl(path)]
         for i, row in enumerate(rows):
             if "id" not in row:
                 raise ConfigError(f"{path}: row {i} has no `id`")
@@ -454,21 +449,14 @@ def finish(cfg: RSConfig, out: Output, prompts: list[Prompt], m_hash: str, engin
 
 
 def report(out_dir: Path, rows: list[dict], per_task: dict[str, dict]) -> None:
-    import matplotlib
+    from core.report import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    scores = [r["score"] for r in rows if r["candidate"] >= 0]
-    a.hist(scores, bins=20, color="#4477aa")
-    a.set(title="candidate scores", xlabel="score", ylabel="candidates")
-    names = sorted(per_task)
-    b.bar(names, [per_task[t]["acceptance_rate"] for t in names], color="#228833")
-    b.set(title="acceptance by task", ylabel="share of prompts with an accepted answer", ylim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(out_dir / "report.png", dpi=100)
-    plt.close(fig)
+    with png(out_dir / "report.png", panels=2, size=(5, 4)) as (a, b):
+        a.hist([r["score"] for r in rows if r["candidate"] >= 0], bins=20, color="#4477aa")
+        a.set(title="candidate scores", xlabel="score", ylabel="candidates")
+        names = sorted(per_task)
+        b.bar(names, [per_task[t]["acceptance_rate"] for t in names], color="#228833")
+        b.set(title="acceptance by task", ylabel="share of prompts with an accepted answer", ylim=(0, 1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from typing import Literal
 from actors.serve_config import LLMConfig, ScalingConfig
 from cluster.storage import require_path
 from core.config import ConfigError, Flag, run_job
+from core.files import read_json
 
 
 @dataclass(frozen=True)
@@ -90,10 +91,7 @@ def check_model_dir(model: str | os.PathLike, job: str = "serve") -> Path:
     cfg = d / "config.json"
     if not cfg.is_file():
         raise ConfigError(f"{cfg}: missing (an HF checkpoint needs config.json)")
-    try:
-        json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{cfg}: not valid JSON: {e}") from e
+    read_json(cfg)
     weights = sorted(d.glob("*.safetensors"))
     if not weights:
         raise ConfigError(f"{d}: no *.safetensors weights")

@@ -469,13 +469,9 @@ class HFTokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be an object, got {type(data).__name__}")
-    return data
+    from core.files import read_json
+
+    return read_json(path, ValueError)
 
 
 def load_tokenizer(directory: str | Path) -> SentencePieceTokenizer | HFTokenizer:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar, Protocol, runtime_checkable
 
 from core.config import ConfigError
+from core.files import read_json
 
 
 class EngineError(RuntimeError):
@@ -251,12 +251,7 @@ def model_hash(model_dir: str | os.PathLike) -> str:
 def checkpoint_context_len(model_dir: str | os.PathLike) -> int:
     """max_position_embeddings of an HF directory's config.json (clear error naming file and field)."""
     path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EngineError(f"{path}: missing (not an HF model directory)") from None
-    except json.JSONDecodeError as e:
-        raise EngineError(f"{path}: not valid JSON: {e}") from e
+    cfg = read_json(path, EngineError, missing="missing (not an HF model directory)")
     n = cfg.get("max_position_embeddings")
     if not isinstance(n, int) or n <= 0:
         raise EngineError(f"{path}: field max_position_embeddings must be a positive integer, got {n!r}")
