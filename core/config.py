@@ -172,7 +172,7 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     """A YAML file or preset as a mapping, and the path it came from.
 
     ``extends: OTHER`` (a preset name or a path relative to this file) starts from OTHER's mapping and merges this
-    file's keys over it, section by section, so a preset states only how it differs (dpo-tiny extends sft-tiny).
+    file's keys over it, section by section, so a preset states only how it differs (sft-tiny and dpo-tiny extend finetune-tiny).
     """
     p = resolve_config_path(path)
     try:

@@ -92,3 +92,34 @@ def test_extends_refuses_loops_and_missing_bases(tmp_path):
     (tmp_path / "c.yaml").write_text("extends: no-such-preset\n")
     with pytest.raises(ConfigError, match="no-such-preset"):
         load_config(Outer, tmp_path / "c.yaml")
+
+
+PRESET_JOBS = {  # preset → (its job's config class, the overrides its header comment tells the user to add; {hf}:
+    # a directory with a config.json, for the jobs that check their model directory when the config loads)
+    "tiny": ("jobs.pretrain:PretrainConfig", []), "llama-1b": ("jobs.pretrain:PretrainConfig", []),
+    "smollm2-135m": ("jobs.pretrain:PretrainConfig", []),
+    "tokenizer-tiny": ("jobs.tokenizer:TokenizerJobConfig", ["input=[corpus.txt]"]),
+    "finetune-tiny": ("jobs.sft:SftConfig", ["init=runs/pretrain-tiny/hf", "data.train=sft.jsonl"]),
+    "sft-tiny": ("jobs.sft:SftConfig", ["init=runs/pretrain-tiny/hf"]),
+    "sft-smollm2": ("jobs.sft:SftConfig", ["init=SmolLM2-135M-Instruct.Q4_1.gguf"]),
+    "dpo-tiny": ("jobs.dpo:DpoConfig", ["init=runs/sft-tiny/hf"]),
+    "rs-tiny": ("jobs.rejection_sampling:RSConfig", ["model={hf}"]),
+    "rs-rounds-tiny": ("jobs.rs_rounds:RoundsConfig", ["policy={hf}", "prompts=p.jsonl", "heldout=h.jsonl"]),
+    "pipeline-tiny": ("jobs.pipeline:PipelineConfig", []), "serve-tiny": ("jobs.serve:ServeJobConfig", []),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_every_preset_loads_into_its_job_config(preset, tmp_path, monkeypatch):
+    """A preset with a misspelt or stale field fails here, not in a user's first run; a new preset must be listed."""
+    import importlib
+
+    assert preset in PRESET_JOBS, f"configs/{preset}.yaml: add it to PRESET_JOBS with the config class it is for"
+    target, overrides = PRESET_JOBS[preset]
+    module, cls = target.split(":")
+    monkeypatch.chdir(tmp_path)  # the input files that configs check exist at load time, empty
+    (tmp_path / "config.json").write_text("{}")
+    for f in ("p.jsonl", "h.jsonl", "runs/tasks/math-prompts.jsonl"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("")
+    load_config(getattr(importlib.import_module(module), cls), preset, [o.format(hf=tmp_path) for o in overrides])
