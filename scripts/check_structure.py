@@ -108,6 +108,12 @@ def ray_violations(mods: dict[str, Path], root: Path = ROOT) -> list[str]:
             if not allowed and not (room in RAY_DATA_ONLY and n == "ray"):  # "import ray.data" also names "ray"
                 out.append(f"{path.relative_to(root)}: imports {n} ({room}/ must not use Ray"
                            f"{' beyond ray.data' if room in RAY_DATA_ONLY else ''})")
+        if room in RAY_DATA_ONLY:  # "import ray.data" binds the name ray: its other attributes are still off limits
+            for node in ast.walk(tree):
+                if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ray"
+                        and node.attr != "data"):
+                    out.append(f"{path.relative_to(root)}:{node.lineno}: uses ray.{node.attr} ({room}/ may use "
+                               f"ray.data only)")
     return out
 
 

@@ -26,7 +26,8 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
     write("model/a.py", "def f():\n    from model import b\n")  # a deferred import still makes the cycle
     write("model/b.py", "from model.a import f\nimport ray\n")
     write("corpus/__init__.py", "")
-    write("corpus/c.py", "import ray.data\n")  # allowed
+    write("corpus/c.py", "import ray.data\nds = ray.data.from_items([1])\n")  # allowed
+    write("corpus/d.py", "import ray.data\nray.init()\n")  # the name ray, used beyond ray.data
     write("jobs/__init__.py", "")
     body = "".join(f"    x{i} = {i}\n" for i in range(90))
     write("jobs/j.py", f"def long():\n{body}\n\ndef explained():\n    \"\"\"Long because it must.\"\"\"\n{body}")
@@ -34,5 +35,6 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
     assert any(p.startswith("import cycle: model.a ↔ model.b") for p in problems), problems
     assert any("model/b.py: imports ray" in p for p in problems), problems
     assert any("long() is 91 lines" in p for p in problems), problems
-    assert not any("corpus" in p or "explained" in p for p in problems), problems
-    assert len(problems) == 3, problems
+    assert any("corpus/d.py:2: uses ray.init" in p for p in problems), problems
+    assert not any("corpus/c.py" in p or "explained" in p for p in problems), problems
+    assert len(problems) == 4, problems
