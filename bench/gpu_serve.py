@@ -13,6 +13,11 @@ Parts (one per device call; each prints one JSON line and appends it to ``--out`
   vllm       ``python -m vllm.entrypoints.openai.api_server`` as a subprocess on the same directory: same dtype,
              memory fraction, max_model_len and seed; run after ``ours`` is shut down (its own call). Adds the ratios
              ours / vLLM (targets: TTFT p50 ≤ 1.1×, tokens/s ≥ 0.95×) from ``ours``'s line in results.jsonl.
+             Engine defaults differ by vLLM's usage context: its server gets the OpenAI-server scheduler limits
+             (on ≥ 70 GiB cards max_num_batched_tokens 8192, max_num_seqs 1024), our replica's ``AsyncLLM``
+             (actors/engines/vllm.py, no usage context) the generic ones (2048, 128): at c32 our prefill of
+             32 × ~100 prompt tokens takes two steps. ``--vllm-args '--max-num-batched-tokens 2048
+             --max-num-seqs 128'`` gives vLLM's server our limits, to compare the servers alone.
   ray-llm    Ray's own ``ray.serve.llm`` (``LLMConfig`` + ``build_openai_app``, one replica, same engine kwargs).
              If it fails to import, deploy or answer with this vLLM, the line carries ``error`` (exact message),
              ``stage`` (import / config / deploy / sample / load) and the tails of Serve's logs; the run goes on.
@@ -85,6 +90,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -164,6 +170,7 @@ def wait_gpu_released(timeout_s: float = 90.0) -> int | None:
 # ---------------------------------------------------------------------------------------------------- model
 
 
+@functools.lru_cache(maxsize=1)
 def synthetic_words(n: int = 40_000) -> list[str]:
     """Random lowercase words (3–9 letters): the tokenizer's training text and the prompts' vocabulary."""
     rng = random.Random(0)
@@ -339,7 +346,7 @@ def vllm_command(a, model_dir: str, port: int) -> list[str]:
         cmd.append("--enforce-eager")
     if "gpu_memory_utilization" in kw:
         cmd += ["--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
-    return cmd
+    return cmd + a.vllm_args.split()
 
 
 def stop_process(proc: subprocess.Popen) -> None:
@@ -676,6 +683,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-words", type=int, help="random words per prompt (64; --cpu: 12)")
     ap.add_argument("--max-model-len", type=int, help="every server's context (1024; --cpu: 512)")
     ap.add_argument("--gpu-mem", type=float, default=0.4, help="gpu_memory_utilization of every engine")
+    ap.add_argument("--vllm-args", default="", help="more arguments for vLLM's server (the vllm part), e.g. "
+                                                     "'--max-num-batched-tokens 2048 --max-num-seqs 128'")
     ap.add_argument("--ours-target", type=float, default=48.0,
                     help="ours: target_ongoing_requests (above the largest concurrency: one replica)")
     ap.add_argument("--start-timeout", type=float, default=420.0, help="seconds for a server to come up")
