@@ -116,6 +116,8 @@ class Sampling:
     n: int
     stop: tuple[str, ...]
     seed: int | None
+    ignore_eos: bool
+    """vLLM's extension: keep generating past the end-of-turn token (benchmarks; default false)."""
     stream: bool
     include_usage: bool
 
@@ -147,7 +149,7 @@ def _sampling(body: dict, *, max_n: int, max_stop: int, max_tokens_keys: tuple[s
                     temperature=_number(body, "temperature", 1.0, lo=0.0, hi=2.0),
                     top_p=_number(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
                     top_k=None if top_k == -1 else top_k, n=n, stop=_stop(body, max_stop), seed=_int(body, "seed", None),
-                    stream=stream, include_usage=include_usage)
+                    ignore_eos=_bool(body, "ignore_eos", False), stream=stream, include_usage=include_usage)
 
 
 def _model(body: dict) -> str | None:

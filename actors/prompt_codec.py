@@ -59,6 +59,6 @@ def to_choices(codec: PromptCodec, info: ModelInfo, req: CompletionRequest | Cha
         max_tokens = check_context(len(ids), s.max_tokens, info.max_model_len, param=param)
         for j in range(s.n):  # a given seed still gives n different choices (seed, seed + 1, …)
             gp = GenParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                           stop=s.stop, seed=None if s.seed is None else s.seed + j)
+                           stop=s.stop, seed=None if s.seed is None else s.seed + j, ignore_eos=s.ignore_eos)
             choices.append(Choice(i * s.n + j, ids, gp))
     return choices

@@ -146,6 +146,19 @@ def test_chat_streaming_and_not(served, client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+def test_ignore_eos_reaches_the_engine(served, client):
+    """vLLM's `ignore_eos` extension (benchmarks want fixed-length answers): parsed, handed to the engine's GenParams,
+    and honoured — the answer runs to max_tokens."""
+    from actors.openai_schema import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+    assert parse_chat(body, max_n=1).sampling.ignore_eos and not parse_chat({**body, "ignore_eos": False},
+                                                                            max_n=1).sampling.ignore_eos
+    out = client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=40, temperature=0,
+                                         extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 40 and out.choices[0].finish_reason == "length"
+
+
 def test_raw_sse_ends_with_done(served):
     req = urllib.request.Request(f"{served['url']}/v1/completions", method="POST",
                                  data=json.dumps({"prompt": "red", "max_tokens": 4, "stream": True}).encode(),

@@ -47,9 +47,13 @@ class VLLMEngine(EngineBase):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if streaming:
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.usage.usage_lib import UsageContext
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self.async_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args(self.model_dir)))
+            # Streams serve the OpenAI API: vLLM's own server's scheduler defaults (on a >= 70 GiB card 8192
+            # batched tokens and 1024 sequences, not the generic 2048 / 128), so Serve batches like `vllm serve`.
+            self.async_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args(self.model_dir)),
+                                                       usage_context=UsageContext.OPENAI_API_SERVER)
             self.max_model_len = self.async_llm.model_config.max_model_len
         else:
             from vllm import LLM
