@@ -33,10 +33,9 @@ Parts (one per device call; each prints one JSON line and appends it to ``--out`
 Load (ours, vllm, ray-llm alike): the ``openai`` async client (bench/loadgen.py, shared with bench/serve.py),
 streaming chat completions, concurrency 1, 8, 32, max(16, 4 × concurrency) requests per level and round,
 ``--rounds`` 3 (figures are medians over rounds; each round has fresh prompts, the same for every server),
-max_tokens 128, temperature 0 (greedy: every server generates the same tokens), top_p 1. ``ignore_eos`` is not
-sent: our server does not accept it (actors/openai_schema.py ignores unknown fields, so vLLM would honour it and
-ours not); on random weights an end token is rare — ``full_length_frac`` says which fraction of requests reached
-max_tokens. Prompts: a user message of ``--prompt-words`` (64) random words of the tokenizer's training text,
+max_tokens 128, temperature 0 (greedy: every server generates the same tokens), top_p 1. ``ignore_eos`` is sent
+(vLLM's extension, which every server here honours), so every request runs to max_tokens — ``full_length_frac``
+checks it. Prompts: a user message of ``--prompt-words`` (64) random words of the tokenizer's training text,
 ≈ 100 tokens with the chat template.
 Per level: ``ttft_ms_p50/p95`` (request sent → first chunk with content; the role chunk does not count),
 ``itl_ms_p50/p95`` (gaps between content chunks: ours coalesces deltas per ``llm.stream_interval_ms`` = 25 ms, so
@@ -113,7 +112,7 @@ from bench.loadgen import free_port, load, median_rounds, summarize, sustained, 
 
 MODEL = "bench"  # the served model name on every server
 APPS = {"ours": "gpuserve-ours", "ray-llm": "gpuserve-ray-llm", "autoscale": "gpuserve-autoscale"}
-SAMPLING = {"temperature": 0, "top_p": 1.0}
+SAMPLING = {"temperature": 0, "top_p": 1.0, "extra_body": {"ignore_eos": True}}  # every request runs to max_tokens
 GPU_DEFAULTS = dict(shape="smollm2-135m", concurrency=[1, 8, 32], min_requests=16, max_tokens=128, rounds=3,
                     prompt_words=64, max_model_len=1024, as_concurrency=32, as_target=4.0, as_hold_s=15.0)
 CPU_DEFAULTS = dict(shape="tiny", concurrency=[1, 4], min_requests=4, max_tokens=16, rounds=1, prompt_words=12,
