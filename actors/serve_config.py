@@ -70,7 +70,13 @@ class ScalingConfig:
     overload_status: int = 503
     """Status of a request turned away by back-pressure: 503 or 429."""
     retry_after_s: float | None = 1.0
-    """Retry-After header on back-pressure answers (None: no header)."""
+    """Retry-After header on back-pressure and no-replica answers (None: no header)."""
+    no_replica_timeout_s: float | None = 1.0
+    """How long requests wait while the deployment has no running replica (the only one died and its
+    replacement is still loading its engine) before they are answered 503 with Retry-After; once that long
+    without a replica, new requests get the 503 at once, until a replica runs again. Requests queued behind busy
+    replicas are not affected (``max_queued_requests`` bounds those). None: Serve's own behaviour, requests wait
+    for a replica however long it takes (up to the proxy's ``request_timeout_s``)."""
     num_cpus: float = 1.0
     """CPUs reserved per replica."""
     num_gpus: float = 0.0
@@ -91,5 +97,7 @@ class ScalingConfig:
             raise ConfigError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:
             raise ConfigError("scaling: delays must be >= 0 and metrics_interval_s > 0")
+        if self.no_replica_timeout_s is not None and not self.no_replica_timeout_s >= 0:
+            raise ConfigError(f"scaling.no_replica_timeout_s must be >= 0 or null, got {self.no_replica_timeout_s}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("scaling: num_cpus and num_gpus must be >= 0")

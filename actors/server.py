@@ -44,6 +44,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from actors import openai_wire as wire
 from actors.engines import Engine, ModelInfo, engine_cls as registered_engine
@@ -51,6 +52,7 @@ from actors.openai_schema import APIError, ChatRequest, CompletionRequest, parse
 from actors.prompt_codec import PromptCodec, to_choices
 from actors.serve_config import LLMConfig, ScalingConfig
 from actors.serve_metrics import ServeMetrics, Tally
+from actors.serve_router import FailFastRouter
 from actors.stream_batcher import Choice, coalesced
 
 log = logging.getLogger("ray.serve")
@@ -315,6 +317,11 @@ def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Pa
         health_check_period_s=scaling.health_check_period_s,
         user_config={"model_dir": str(Path(model_dir).resolve())},
     )
+    if scaling.no_replica_timeout_s is not None:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=FailFastRouter,
+            request_router_kwargs={"no_replica_timeout_s": scaling.no_replica_timeout_s,
+                                   "retry_after_s": scaling.retry_after_s})
     if autoscaling is not None:
         options["autoscaling_config"] = autoscaling
     else:
