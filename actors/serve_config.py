@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from actors.engines import EngineOptions
 from core.config import ConfigError
@@ -55,8 +56,17 @@ class ScalingConfig:
     """Fewest replicas (autoscaling lower bound)."""
     max_replicas: int = 1
     """Most replicas; equal to min_replicas means a fixed size and no autoscaling."""
+    signal: Literal["ongoing_requests", "engine_load"] = "ongoing_requests"
+    """What autoscaling measures. ``ongoing_requests``: Serve's own signal, requests in flight per replica (aimed
+    at ``target_ongoing_requests``), blind to how long each one is. ``engine_load``: tokens of work each replica's
+    engine holds — prompts not yet prefilled plus the tokens every request may still generate (``max_tokens``
+    minus those generated) — reported by the replicas, with requests still queued in Serve counted at the
+    replicas' mean tokens per request; aimed at ``target_engine_load`` (``actors/serve_autoscale.py``)."""
     target_ongoing_requests: float = 4.0
-    """Autoscaling aims at this many in-flight requests per replica."""
+    """signal ``ongoing_requests``: autoscaling aims at this many in-flight requests per replica."""
+    target_engine_load: float = 2048.0
+    """signal ``engine_load``: autoscaling aims at this many tokens of pending work per replica. Size it as the
+    tokens a replica gets through in the latency you accept, e.g. its decode tokens/s × a few seconds."""
     upscale_delay_s: float = 10.0
     """How long demand must stay high before a replica is added."""
     downscale_delay_s: float = 60.0
@@ -93,6 +103,10 @@ class ScalingConfig:
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ConfigError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
                              "max_queued_requests >= 0")
+        if self.signal not in ("ongoing_requests", "engine_load"):
+            raise ConfigError(f"scaling.signal must be ongoing_requests or engine_load, got {self.signal!r}")
+        if not self.target_engine_load > 0:
+            raise ConfigError(f"scaling.target_engine_load must be > 0, got {self.target_engine_load}")
         if self.overload_status not in (503, 429):
             raise ConfigError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:

@@ -44,12 +44,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import AutoscalingPolicy, RequestRouterConfig
 
 from actors import openai_wire as wire
-from actors.engines import Engine, ModelInfo, engine_cls as registered_engine
+from actors.engines import Engine, EngineLoad, ModelInfo, engine_cls as registered_engine
 from actors.openai_schema import APIError, ChatRequest, CompletionRequest, parse_body, parse_chat, parse_completion
 from actors.prompt_codec import PromptCodec, to_choices
+from actors.serve_autoscale import METRIC as LOAD_METRIC, EngineLoadPolicy
 from actors.serve_config import LLMConfig, ScalingConfig
 from actors.serve_metrics import ServeMetrics, Tally
 from actors.serve_router import FailFastRouter
@@ -163,6 +164,13 @@ class LLMServer:
                             self.cfg.drain_timeout_s)
         await old.engine.shutdown()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (called every ``metrics_interval_s`` while autoscaling is on): the
+        tokens of work this replica's engine holds, read by ``EngineLoadPolicy`` when ``scaling.signal`` is
+        ``engine_load``."""
+        load = self.slot.engine.load() if self.slot is not None else EngineLoad()
+        return {LOAD_METRIC: float(load.pending_tokens)}
+
     async def check_health(self) -> None:
         """Serve's replica health check: a dead engine gets the replica replaced."""
         if self.slot is None:
@@ -180,6 +188,7 @@ class LLMServer:
         h = await self.slot.engine.health()
         return JSONResponse({"status": "ok" if h.ok else "unhealthy", "engine": h.engine, "detail": h.detail,
                              "hash": self.slot.info.hash, "ongoing": self._metrics.ongoing,
+                             "load": dataclasses.asdict(self.slot.engine.load()),
                              "last_reload": self._reload}, status_code=200 if h.ok else 503)
 
     @app.get("/v1/models")
@@ -296,17 +305,24 @@ class LLMServer:
         yield wire.DONE
 
 
+def autoscaling_config(scaling: ScalingConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config for ``scaling``: its own policy on ongoing requests, or ``EngineLoadPolicy`` on
+    the tokens the replicas' engines report (``scaling.signal``)."""
+    config: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+        "initial_replicas": scaling.min_replicas, "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        "metrics_interval_s": scaling.metrics_interval_s,
+        "look_back_period_s": max(3 * scaling.metrics_interval_s, 2.0)}
+    if scaling.signal == "engine_load":
+        config["policy"] = AutoscalingPolicy(policy_function=EngineLoadPolicy,
+                                             policy_kwargs={"target_load": scaling.target_engine_load})
+    return config
+
+
 def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Path, *,
               engine_cls: type | None = None, name: str = "LLMServer") -> serve.Application:
     """The deployment bound with its options; the model directory is the ``user_config`` (see the module doc)."""
-    autoscaling = None
-    if scaling.max_replicas > scaling.min_replicas:
-        autoscaling = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-                       "initial_replicas": scaling.min_replicas,
-                       "target_ongoing_requests": scaling.target_ongoing_requests,
-                       "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
-                       "metrics_interval_s": scaling.metrics_interval_s,
-                       "look_back_period_s": max(3 * scaling.metrics_interval_s, 2.0)}
     options: dict[str, Any] = dict(
         name=name,
         max_ongoing_requests=scaling.max_ongoing_requests,
@@ -322,8 +338,8 @@ def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Pa
             request_router_class=FailFastRouter,
             request_router_kwargs={"no_replica_timeout_s": scaling.no_replica_timeout_s,
                                    "retry_after_s": scaling.retry_after_s})
-    if autoscaling is not None:
-        options["autoscaling_config"] = autoscaling
+    if scaling.max_replicas > scaling.min_replicas:
+        options["autoscaling_config"] = autoscaling_config(scaling)
     else:
         options["num_replicas"] = scaling.min_replicas
     if engine_cls is None and llm_config.engine != "auto":  # named: resolved here, so a bad name or an option the
