@@ -47,7 +47,9 @@ class FailFastRouter(PowerOfTwoChoicesRequestRouter):
         self.no_replica_timeout_s = no_replica_timeout_s
         self.retry_after_s = retry_after_s
         self._none_since: float | None = time.monotonic()  # None while some replica is running
-        self._emptied = asyncio.Event()  # set (then replaced) each time the last replica goes away
+        # Set (and dropped) when the last replica goes away, waking the requests waiting behind busy replicas;
+        # made lazily, in the loop that waits on it (this object may be built in another one, as Serve notes).
+        self._emptied: asyncio.Event | None = None
 
     # -- knowing when the deployment has no replica ------------------------------------------------------------
 
@@ -64,8 +66,9 @@ class FailFastRouter(PowerOfTwoChoicesRequestRouter):
             self._none_since = None
         elif self._none_since is None:
             self._none_since = time.monotonic()
-            self._emptied.set()  # wakes the requests already waiting behind replicas that are now gone
-            self._emptied = asyncio.Event()
+            if self._emptied is not None:
+                self._emptied.set()
+                self._emptied = None
 
     def _outage_s(self) -> float:
         """How long the deployment has been without a running replica (0 while one runs)."""
@@ -81,6 +84,8 @@ class FailFastRouter(PowerOfTwoChoicesRequestRouter):
         try:
             while not choose.done():
                 if self._none_since is None:  # replicas exist: wait for the choice, or for the last one to go
+                    if self._emptied is None:
+                        self._emptied = asyncio.Event()
                     emptied = asyncio.ensure_future(self._emptied.wait())
                     await asyncio.wait({choose, emptied}, return_when=asyncio.FIRST_COMPLETED)
                     emptied.cancel()

@@ -23,7 +23,10 @@ The model directory travels as the deployment's ``user_config`` (``{"model_dir":
   the replica's memory meanwhile). If the new weights fail to load, the replica keeps serving the old ones and
   ``GET /health`` reports the failure in ``last_reload`` (tests/test_serve_cluster.py).
 
-Metrics: see ``actors/serve_metrics.py``.
+Metrics: see ``actors/serve_metrics.py``. Routing: ``actors/serve_router.py`` (a 503 + Retry-After instead of a
+hang while no replica runs, ``scaling.no_replica_timeout_s``). Autoscaling: Serve's own on ongoing requests, or on
+the tokens of work the engines hold (``scaling.signal: engine_load``; ``record_autoscaling_stats`` below feeds
+``actors/serve_autoscale.py``).
 """
 
 from __future__ import annotations
