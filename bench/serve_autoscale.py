@@ -2,7 +2,7 @@
 
 Runbook::
 
-    .venv/bin/python bench/serve_autoscale.py                     # ≈ 4 min here: 2 rounds × 2 signals
+    .venv/bin/python bench/serve_autoscale.py                     # ≈ 5 min here: 2 rounds × 2 signals
     .venv/bin/python bench/serve_autoscale.py --rounds 3 --burst-s 40 --clients 3 --max-tokens 160
 
 One local Ray and Serve, the reference engine on a tiny random checkpoint (2 cores cannot host several vLLM
