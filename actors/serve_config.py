@@ -91,6 +91,12 @@ class ScalingConfig:
     """CPUs reserved per replica."""
     num_gpus: float = 0.0
     """GPUs per replica (vLLM with tensor_parallel_size > 1 needs that many)."""
+    max_surge_percent: int = 25
+    """Rolling update (``llamaray promote``): extra replicas Serve may start, as a percentage of the replica count
+    rounded up to whole replicas (25: one extra for up to 4 replicas). Old replicas keep serving until their
+    replacements run, so a promote never leaves the deployment without a replica; the extra replicas need room
+    (a GPU each on a GPU cluster; without it the promote waits). 0: Serve stops old replicas before starting new
+    ones, and requests meanwhile get 503 + Retry-After (``no_replica_timeout_s``)."""
     graceful_shutdown_timeout_s: float = 60.0
     """How long a replica being stopped may finish its running requests."""
     health_check_period_s: float = 5.0
@@ -113,5 +119,7 @@ class ScalingConfig:
             raise ConfigError("scaling: delays must be >= 0 and metrics_interval_s > 0")
         if self.no_replica_timeout_s is not None and not self.no_replica_timeout_s >= 0:
             raise ConfigError(f"scaling.no_replica_timeout_s must be >= 0 or null, got {self.no_replica_timeout_s}")
+        if not 0 <= self.max_surge_percent <= 100:
+            raise ConfigError(f"scaling.max_surge_percent must be in [0, 100], got {self.max_surge_percent}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("scaling: num_cpus and num_gpus must be >= 0")

@@ -333,6 +333,7 @@ def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Pa
         backpressure_config={"status_code": scaling.overload_status, "retry_after_s": scaling.retry_after_s},
         ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
         graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,
+        max_surge_percent=scaling.max_surge_percent,
         health_check_period_s=scaling.health_check_period_s,
         user_config={"model_dir": str(Path(model_dir).resolve())},
     )

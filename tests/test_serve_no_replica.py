@@ -25,6 +25,8 @@ def test_no_replica_timeout_is_validated():
     assert ScalingConfig(no_replica_timeout_s=None).no_replica_timeout_s is None
     with pytest.raises(ConfigError, match="no_replica_timeout_s"):
         ScalingConfig(no_replica_timeout_s=-1)
+    with pytest.raises(ConfigError, match="max_surge_percent"):  # the promote's way of never having no replica
+        ScalingConfig(max_surge_percent=101)
 
 
 def kill_the_replica(app: str) -> None:
