@@ -79,3 +79,53 @@ def test_killed_only_replica_gives_fast_503_then_recovers(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_router_fails_waiting_requests_once_the_last_replica_goes(monkeypatch):
+    """The router alone (no cluster), with Serve's own choice stubbed to wait forever, as it does for a request
+    queued behind busy replicas: such a request waits while replicas exist, fails no_replica_timeout_s after the
+    last one goes, new requests then fail at once, and they wait again once a replica is back."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+    from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+    from actors.serve_router import FailFastRouter, NoReplicaError
+
+    async def waits_forever(self, pending_request, *, is_retry=False):
+        await asyncio.Event().wait()
+
+    async def no_probe(self, replicas, backoff_index):
+        pass
+
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "_choose_replica_for_request", waits_forever)
+    monkeypatch.setattr(PowerOfTwoChoicesRequestRouter, "_probe_queue_lens", no_probe)
+    replica = SimpleNamespace(replica_id="r1", node_id="n1", availability_zone=None, multiplexed_model_ids=set())
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        router = FailFastRouter(deployment_id=DeploymentID(name="LLMServer", app_name="app"),
+                                handle_source=DeploymentHandleSource.UNKNOWN)
+        router.initialize_state(no_replica_timeout_s=0.3, retry_after_s=2)
+        router.update_replicas([replica])
+        waiting = asyncio.ensure_future(router._choose_replica_for_request(None))
+        await asyncio.sleep(0.6)
+        assert not waiting.done()  # behind busy replicas: no bound
+        t0 = loop.time()
+        router.on_replica_actor_died("r1")
+        with pytest.raises(NoReplicaError) as e:
+            await waiting
+        assert 0.25 < loop.time() - t0 < 1.0 and e.value.status_code == 503 and e.value.retry_after_s == 2
+        assert "app/LLMServer" in str(e.value)
+        t0 = loop.time()
+        with pytest.raises(NoReplicaError):
+            await router._choose_replica_for_request(None)
+        assert loop.time() - t0 < 0.1  # the outage is known: answered at once
+        router.update_replicas([replica])
+        back = asyncio.ensure_future(router._choose_replica_for_request(None))
+        await asyncio.sleep(0.6)
+        assert not back.done()
+        back.cancel()
+
+    asyncio.run(scenario())
