@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from actors.engines import EngineOptions
 from core.config import ConfigError
@@ -55,8 +56,17 @@ class ScalingConfig:
     """Fewest replicas (autoscaling lower bound)."""
     max_replicas: int = 1
     """Most replicas; equal to min_replicas means a fixed size and no autoscaling."""
+    signal: Literal["ongoing_requests", "engine_load"] = "ongoing_requests"
+    """What autoscaling measures. ``ongoing_requests``: Serve's own signal, requests in flight per replica (aimed
+    at ``target_ongoing_requests``), blind to how long each one is. ``engine_load``: tokens of work each replica's
+    engine holds — prompts not yet prefilled plus the tokens every request may still generate (``max_tokens``
+    minus those generated) — reported by the replicas, with requests still queued in Serve counted at the
+    replicas' mean tokens per request; aimed at ``target_engine_load`` (``actors/serve_autoscale.py``)."""
     target_ongoing_requests: float = 4.0
-    """Autoscaling aims at this many in-flight requests per replica."""
+    """signal ``ongoing_requests``: autoscaling aims at this many in-flight requests per replica."""
+    target_engine_load: float = 2048.0
+    """signal ``engine_load``: autoscaling aims at this many tokens of pending work per replica. Size it as the
+    tokens a replica gets through in the latency you accept, e.g. its decode tokens/s × a few seconds."""
     upscale_delay_s: float = 10.0
     """How long demand must stay high before a replica is added."""
     downscale_delay_s: float = 60.0
@@ -70,11 +80,23 @@ class ScalingConfig:
     overload_status: int = 503
     """Status of a request turned away by back-pressure: 503 or 429."""
     retry_after_s: float | None = 1.0
-    """Retry-After header on back-pressure answers (None: no header)."""
+    """Retry-After header on back-pressure and no-replica answers (None: no header)."""
+    no_replica_timeout_s: float | None = 1.0
+    """How long requests wait while the deployment has no running replica (the only one died and its
+    replacement is still loading its engine) before they are answered 503 with Retry-After; once that long
+    without a replica, new requests get the 503 at once, until a replica runs again. Requests queued behind busy
+    replicas are not affected (``max_queued_requests`` bounds those). None: Serve's own behaviour, requests wait
+    for a replica however long it takes (up to the proxy's ``request_timeout_s``)."""
     num_cpus: float = 1.0
     """CPUs reserved per replica."""
     num_gpus: float = 0.0
     """GPUs per replica (vLLM with tensor_parallel_size > 1 needs that many)."""
+    max_surge_percent: int = 25
+    """Rolling update (``llamaray promote``): extra replicas Serve may start, as a percentage of the replica count
+    rounded up to whole replicas (25: one extra for up to 4 replicas). Old replicas keep serving until their
+    replacements run, so a promote never leaves the deployment without a replica; the extra replicas need room
+    (a GPU each on a GPU cluster; without it the promote waits). 0: Serve stops old replicas before starting new
+    ones, and requests meanwhile get 503 + Retry-After (``no_replica_timeout_s``)."""
     graceful_shutdown_timeout_s: float = 60.0
     """How long a replica being stopped may finish its running requests."""
     health_check_period_s: float = 5.0
@@ -87,9 +109,17 @@ class ScalingConfig:
         if self.target_ongoing_requests <= 0 or self.max_ongoing_requests < 1 or self.max_queued_requests < 0:
             raise ConfigError("scaling: target_ongoing_requests must be > 0, max_ongoing_requests >= 1, "
                              "max_queued_requests >= 0")
+        if self.signal not in ("ongoing_requests", "engine_load"):
+            raise ConfigError(f"scaling.signal must be ongoing_requests or engine_load, got {self.signal!r}")
+        if not self.target_engine_load > 0:
+            raise ConfigError(f"scaling.target_engine_load must be > 0, got {self.target_engine_load}")
         if self.overload_status not in (503, 429):
             raise ConfigError(f"scaling.overload_status must be 503 or 429, got {self.overload_status}")
         if min(self.upscale_delay_s, self.downscale_delay_s) < 0 or self.metrics_interval_s <= 0:
             raise ConfigError("scaling: delays must be >= 0 and metrics_interval_s > 0")
+        if self.no_replica_timeout_s is not None and not self.no_replica_timeout_s >= 0:
+            raise ConfigError(f"scaling.no_replica_timeout_s must be >= 0 or null, got {self.no_replica_timeout_s}")
+        if not 0 <= self.max_surge_percent <= 100:
+            raise ConfigError(f"scaling.max_surge_percent must be in [0, 100], got {self.max_surge_percent}")
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ConfigError("scaling: num_cpus and num_gpus must be >= 0")

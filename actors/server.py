@@ -23,7 +23,10 @@ The model directory travels as the deployment's ``user_config`` (``{"model_dir":
   the replica's memory meanwhile). If the new weights fail to load, the replica keeps serving the old ones and
   ``GET /health`` reports the failure in ``last_reload`` (tests/test_serve_cluster.py).
 
-Metrics: see ``actors/serve_metrics.py``.
+Metrics: see ``actors/serve_metrics.py``. Routing: ``actors/serve_router.py`` (a 503 + Retry-After instead of a
+hang while no replica runs, ``scaling.no_replica_timeout_s``). Autoscaling: Serve's own on ongoing requests, or on
+the tokens of work the engines hold (``scaling.signal: engine_load``; ``record_autoscaling_stats`` below feeds
+``actors/serve_autoscale.py``).
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import AutoscalingPolicy, RequestRouterConfig
 
 from actors import openai_wire as wire
-from actors.engines import Engine, ModelInfo, engine_cls as registered_engine
+from actors.engines import Engine, EngineLoad, ModelInfo, engine_cls as registered_engine
 from actors.openai_schema import APIError, ChatRequest, CompletionRequest, parse_body, parse_chat, parse_completion
 from actors.prompt_codec import PromptCodec, to_choices
+from actors.serve_autoscale import METRIC as LOAD_METRIC, EngineLoadPolicy
 from actors.serve_config import LLMConfig, ScalingConfig
 from actors.serve_metrics import ServeMetrics, Tally
+from actors.serve_router import FailFastRouter
 from actors.stream_batcher import Choice, coalesced
 
 log = logging.getLogger("ray.serve")
@@ -161,6 +167,13 @@ class LLMServer:
                             self.cfg.drain_timeout_s)
         await old.engine.shutdown()
 
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (called every ``metrics_interval_s`` while autoscaling is on): the
+        tokens of work this replica's engine holds, read by ``EngineLoadPolicy`` when ``scaling.signal`` is
+        ``engine_load``."""
+        load = self.slot.engine.load() if self.slot is not None else EngineLoad()
+        return {LOAD_METRIC: float(load.pending_tokens)}
+
     async def check_health(self) -> None:
         """Serve's replica health check: a dead engine gets the replica replaced."""
         if self.slot is None:
@@ -178,6 +191,7 @@ class LLMServer:
         h = await self.slot.engine.health()
         return JSONResponse({"status": "ok" if h.ok else "unhealthy", "engine": h.engine, "detail": h.detail,
                              "hash": self.slot.info.hash, "ongoing": self._metrics.ongoing,
+                             "load": dataclasses.asdict(self.slot.engine.load()),
                              "last_reload": self._reload}, status_code=200 if h.ok else 503)
 
     @app.get("/v1/models")
@@ -294,17 +308,24 @@ class LLMServer:
         yield wire.DONE
 
 
+def autoscaling_config(scaling: ScalingConfig) -> dict[str, Any]:
+    """Serve's autoscaling_config for ``scaling``: its own policy on ongoing requests, or ``EngineLoadPolicy`` on
+    the tokens the replicas' engines report (``scaling.signal``)."""
+    config: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+        "initial_replicas": scaling.min_replicas, "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
+        "metrics_interval_s": scaling.metrics_interval_s,
+        "look_back_period_s": max(3 * scaling.metrics_interval_s, 2.0)}
+    if scaling.signal == "engine_load":
+        config["policy"] = AutoscalingPolicy(policy_function=EngineLoadPolicy,
+                                             policy_kwargs={"target_load": scaling.target_engine_load})
+    return config
+
+
 def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Path, *,
               engine_cls: type | None = None, name: str = "LLMServer") -> serve.Application:
     """The deployment bound with its options; the model directory is the ``user_config`` (see the module doc)."""
-    autoscaling = None
-    if scaling.max_replicas > scaling.min_replicas:
-        autoscaling = {"min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
-                       "initial_replicas": scaling.min_replicas,
-                       "target_ongoing_requests": scaling.target_ongoing_requests,
-                       "upscale_delay_s": scaling.upscale_delay_s, "downscale_delay_s": scaling.downscale_delay_s,
-                       "metrics_interval_s": scaling.metrics_interval_s,
-                       "look_back_period_s": max(3 * scaling.metrics_interval_s, 2.0)}
     options: dict[str, Any] = dict(
         name=name,
         max_ongoing_requests=scaling.max_ongoing_requests,
@@ -312,11 +333,17 @@ def build_app(llm_config: LLMConfig, scaling: ScalingConfig, model_dir: str | Pa
         backpressure_config={"status_code": scaling.overload_status, "retry_after_s": scaling.retry_after_s},
         ray_actor_options={"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
         graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s,
+        max_surge_percent=scaling.max_surge_percent,
         health_check_period_s=scaling.health_check_period_s,
         user_config={"model_dir": str(Path(model_dir).resolve())},
     )
-    if autoscaling is not None:
-        options["autoscaling_config"] = autoscaling
+    if scaling.no_replica_timeout_s is not None:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=FailFastRouter,
+            request_router_kwargs={"no_replica_timeout_s": scaling.no_replica_timeout_s,
+                                   "retry_after_s": scaling.retry_after_s})
+    if scaling.max_replicas > scaling.min_replicas:
+        options["autoscaling_config"] = autoscaling_config(scaling)
     else:
         options["num_replicas"] = scaling.min_replicas
     if engine_cls is None and llm_config.engine != "auto":  # named: resolved here, so a bad name or an option the

@@ -6,9 +6,10 @@ Runbook::
     curl -s http://127.0.0.1:8000/v1/models | python -m json.tool  # "hash" is now the new weights' sha256 prefix
 
 How: the application is redeployed (``serve.run``) with the new directory as its ``user_config``. Ray 2.60 gives
-every imperative redeploy a new code version, so Serve rolls the replicas: new ones load the new weights and an old
-one is stopped only after its running requests have finished (``scaling.graceful_shutdown_timeout_s``), so no
-request is dropped (tests/test_serve.py streams through a promote). Pass the same config as at ``serve`` time.
+every imperative redeploy a new code version, so Serve rolls the replicas: new ones load the new weights while the
+old ones keep serving (``scaling.max_surge_percent`` extra replicas; the deployment is never without a running
+replica, which would answer 503) and an old one is stopped only after its running requests have finished
+(``scaling.graceful_shutdown_timeout_s``), so no request is dropped (tests/test_serve.py streams through a promote). Pass the same config as at ``serve`` time.
 The new directory is checked first (config.json, readable safetensors headers, tokenizer): a checkpoint that cannot
 load would leave the application DEPLOY_FAILED. Then the job waits until the application is RUNNING and
 ``/v1/models`` reports the new hash on several answers in a row.

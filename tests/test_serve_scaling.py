@@ -195,6 +195,46 @@ def test_autoscaling_up_under_load_and_down_when_idle(cluster):
         delete("auto")
 
 
+def test_engine_load_signal_scales_up_long_requests(cluster):
+    """Two long requests in flight: Serve's own signal (target 8 ongoing requests) would keep one replica; the
+    engine_load signal counts their tokens (~2 × 200 against a target of 150 per replica) and adds one, then
+    goes back to one replica when idle."""
+    from openai import OpenAI
+
+    url = deploy_app(cluster, "tokens", min_replicas=1, max_replicas=2, signal="engine_load",
+                     target_engine_load=150, target_ongoing_requests=8, upscale_delay_s=1.0, downscale_delay_s=3.0,
+                     metrics_interval_s=0.5)
+    try:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=3, timeout=60)
+        stop = threading.Event()
+
+        def load():
+            while not stop.is_set():
+                client.completions.create(model="tokens", prompt="sky", max_tokens=200, temperature=0)
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            deadline = time.monotonic() + 60
+            while replicas("tokens").get("RUNNING", 0) < 2:
+                assert time.monotonic() < deadline, f"never scaled up: {replicas('tokens')}"
+                time.sleep(0.5)
+            status, health, _ = http("GET", f"{url}/health")
+            assert status == 200 and set(health["load"]) == {"running", "waiting", "pending_tokens",
+                                                             "kv_cache_usage"}, health
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        deadline = time.monotonic() + 90
+        while replicas("tokens") != {"RUNNING": 1}:
+            assert time.monotonic() < deadline, f"never scaled down: {replicas('tokens')}"
+            time.sleep(0.5)
+    finally:
+        delete("tokens")
+
+
 def test_metrics_reach_prometheus(cluster):
     """Request count, latency, TTFT, tokens/s and queue depth are exported through Ray's metrics agent."""
     import ray

@@ -7,10 +7,12 @@ One engine class serves both callers:
 * the Serve deployment calls ``start(streaming=True)`` then ``stream(prompt_ids, params, request_id)`` (an async
   iterator of ``Delta``) and ``abort(request_id)``.
 
-Both get ``health()``, ``model_info()`` and ``shutdown()``. Engines take token ids (the caller tokenizes and
-applies the chat template, so every engine sees the same prompt). ``EngineBase`` holds what every engine repeats
-(model directory, weights hash, context length, refusing the options it cannot honour); engines subclass it and
-register themselves by name (``actors/engines/registry.py``).
+Both get ``health()``, ``model_info()`` and ``shutdown()``; streaming engines also report ``load()`` (the work
+they hold, Serve's ``engine_load`` autoscaling signal), kept by their ``stream`` in ``EngineBase.tally``. Engines
+take token ids (the caller tokenizes and applies the chat template, so every engine sees the same prompt).
+``EngineBase`` holds what every engine repeats (model directory, weights hash, context length, refusing the options
+it cannot honour, the load tally); engines subclass it and register themselves by name
+(``actors/engines/registry.py``).
 """
 
 from __future__ import annotations
@@ -164,6 +166,45 @@ class EngineHealth:
 
 
 @dataclass(frozen=True)
+class EngineLoad:
+    """The work a streaming engine holds now: Serve's ``engine_load`` autoscaling signal (``actors/server.py``)."""
+
+    running: int = 0
+    """Requests that are producing tokens."""
+    waiting: int = 0
+    """Requests admitted but not producing tokens yet (queued in the engine, or in their prefill)."""
+    pending_tokens: int = 0
+    """Tokens of work left: the prompts of waiting requests plus, for every request, the tokens it may still
+    generate (max_tokens minus those generated)."""
+    kv_cache_usage: float | None = None
+    """vLLM: fraction of the KV cache in use (None where the engine has no such cache)."""
+
+
+class LoadTally:
+    """What each running stream still has to do, kept by the engine's ``stream`` (``begin`` / ``advance`` / ``end``
+    per request) and summed into an ``EngineLoad``. A prompt counts as work until the request's first token."""
+
+    def __init__(self) -> None:
+        self._left: dict[str, tuple[int, int]] = {}  # request id -> (prompt tokens not prefilled, tokens to generate)
+
+    def begin(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        self._left[request_id] = (prompt_tokens, max_tokens)
+
+    def advance(self, request_id: str, new_tokens: int) -> None:
+        if new_tokens and request_id in self._left:
+            _, decode = self._left[request_id]
+            self._left[request_id] = (0, max(0, decode - new_tokens))
+
+    def end(self, request_id: str) -> None:
+        self._left.pop(request_id, None)
+
+    def load(self) -> EngineLoad:
+        waiting = sum(1 for prompt, _ in self._left.values() if prompt)
+        tokens = sum(prompt + decode for prompt, decode in self._left.values())
+        return EngineLoad(running=len(self._left) - waiting, waiting=waiting, pending_tokens=tokens)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What ``/v1/models`` reports."""
 
@@ -199,6 +240,8 @@ class Engine(Protocol):
 
     async def health(self) -> EngineHealth: ...
 
+    def load(self) -> EngineLoad: ...
+
     def model_info(self) -> ModelInfo: ...
 
     async def shutdown(self) -> None: ...
@@ -217,6 +260,7 @@ class EngineBase:
         self.model_dir = str(model_dir)
         self.hash = model_hash(self.model_dir)
         self.max_model_len = self.opts.max_model_len or checkpoint_context_len(self.model_dir)
+        self.tally = LoadTally()  # streams record their work here; ``load()`` reports it
 
     @classmethod
     def check_options(cls, options: EngineOptions) -> None:
@@ -226,6 +270,10 @@ class EngineBase:
     def loaded(self, model_dir: str) -> None:
         """Record new weights (engines call this at the end of ``load_weights``)."""
         self.model_dir, self.hash = str(model_dir), model_hash(model_dir)
+
+    def load(self) -> EngineLoad:
+        """The streams' work as recorded in ``self.tally`` (engines whose ``stream`` does not record it report 0)."""
+        return self.tally.load()
 
     def health_report(self, ok: bool, detail: str = "") -> EngineHealth:
         return EngineHealth(ok, self.name, self.model_dir, self.hash, detail)

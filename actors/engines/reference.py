@@ -111,16 +111,19 @@ class ReferenceEngine(EngineBase):
                 pass
 
         worker = threading.Thread(target=self._decode, args=(list(prompt_ids), params, request_id, emit), daemon=True)
+        self.tally.begin(request_id, len(prompt_ids), params.max_tokens)
         worker.start()
         try:
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise EngineError(f"reference engine failed: {item}") from item
+                self.tally.advance(request_id, len(item.token_ids))
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:  # the consumer went away (client disconnect, timeout): stop the thread at its next token
+            self.tally.end(request_id)
             if worker.is_alive():
                 self._aborted.add(request_id)
 

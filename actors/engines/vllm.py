@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from actors.engines.base import Candidate, Delta, EngineBase, EngineError, EngineHealth, GenParams
+from actors.engines.base import Candidate, Delta, EngineBase, EngineError, EngineHealth, EngineLoad, GenParams
 from actors.engines.registry import register
 
 
@@ -28,6 +28,7 @@ class VLLMEngine(EngineBase):
         super().__init__(model_dir, options)
         self.llm = None  # vllm.LLM (batch)
         self.async_llm = None  # vllm AsyncLLM (streams)
+        self.scheduler_stats = None  # the AsyncLLM scheduler's last SchedulerStats (running, waiting, KV cache use)
 
     def engine_args(self, model_dir: str) -> dict[str, Any]:
         """vLLM's keyword arguments: float32 and eager without CUDA, the checkpoint's dtype and CUDA graphs on it."""
@@ -53,13 +54,42 @@ class VLLMEngine(EngineBase):
             # Streams serve the OpenAI API: vLLM's own server's scheduler defaults (on a >= 70 GiB card 8192
             # batched tokens and 1024 sequences, not the generic 2048 / 128), so Serve batches like `vllm serve`.
             self.async_llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args(self.model_dir)),
-                                                       usage_context=UsageContext.OPENAI_API_SERVER)
+                                                       usage_context=UsageContext.OPENAI_API_SERVER,
+                                                       stat_loggers=[self._stats_logger_factory()])
             self.max_model_len = self.async_llm.model_config.max_model_len
         else:
             from vllm import LLM
 
             self.llm = LLM(**self.engine_args(self.model_dir))
             self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+
+    def _stats_logger_factory(self):
+        """A vLLM stat logger that keeps the scheduler's latest stats on this engine, for ``load()``."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        engine = self
+
+        class SchedulerStatsKeeper(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    engine.scheduler_stats = scheduler_stats
+
+            def log_engine_initialized(self):
+                pass
+
+        return SchedulerStatsKeeper
+
+    def load(self) -> EngineLoad:
+        """Tokens of work from the streams' tally; running and waiting requests and KV-cache use from vLLM's
+        scheduler (its stats arrive with each engine step, so they lag by one step)."""
+        tally, stats = self.tally.load(), self.scheduler_stats
+        if stats is None:
+            return tally
+        return EngineLoad(running=stats.num_running_reqs, waiting=stats.num_waiting_reqs,
+                          pending_tokens=tally.pending_tokens, kv_cache_usage=stats.kv_cache_usage)
 
     @staticmethod
     def sampling(params: GenParams, **extra):
@@ -89,12 +119,17 @@ class VLLMEngine(EngineBase):
         if params.n != 1:
             raise EngineError(f"a stream is one sample; got n={params.n}")
         sp = self.sampling(params, output_kind=RequestOutputKind.DELTA)
-        async for out in self.async_llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, request_id):
-            c = out.outputs[0]
-            reason = None
-            if out.finished:
-                reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
-            yield Delta(c.text, tuple(c.token_ids), reason)
+        self.tally.begin(request_id, len(prompt_ids), params.max_tokens)
+        try:
+            async for out in self.async_llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), sp, request_id):
+                c = out.outputs[0]
+                reason = None
+                if out.finished:
+                    reason = c.finish_reason if c.finish_reason in ("stop", "length") else "abort"
+                self.tally.advance(request_id, len(c.token_ids))
+                yield Delta(c.text, tuple(c.token_ids), reason)
+        finally:
+            self.tally.end(request_id)
 
     async def abort(self, request_id: str) -> None:
         if self.async_llm is not None:
