@@ -29,8 +29,9 @@ the tokens of work the engines hold (``scaling.signal: engine_load``; ``record_a
 ``actors/serve_autoscale.py``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI must see the routes' parameter types as classes. With
+# string annotations, FastAPI 0.165 (vLLM 0.20's pin) cannot resolve ``request: Request`` through Serve's class-based
+# ingress and treats it as a required query parameter: every route answered 422 on the GPU machine.
 import asyncio
 import dataclasses
 import hmac

@@ -146,6 +146,22 @@ def test_chat_streaming_and_not(served, client):
     assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
 
 
+def test_routes_declare_real_types_for_fastapi():
+    """FastAPI >= 0.16x resolves string annotations against Serve's wrapper, not our module, and then takes
+    ``request: Request`` for a required query parameter (422 on every route; seen with vLLM 0.20's FastAPI 0.165 on
+    the GPU machine). actors/server.py therefore keeps real annotations (no ``from __future__ import annotations``)."""
+    import inspect
+
+    from fastapi import Request
+
+    from actors.server import LLMServer
+
+    for route in ("models", "completions", "chat_completions"):
+        target = getattr(LLMServer, route)
+        target = getattr(target, "func_or_class", target)
+        assert inspect.signature(target).parameters["request"].annotation is Request, route
+
+
 def test_ignore_eos_reaches_the_engine(served, client):
     """vLLM's `ignore_eos` extension (benchmarks want fixed-length answers): parsed, handed to the engine's GenParams,
     and honoured — the answer runs to max_tokens."""
