@@ -304,7 +304,8 @@ def our_config(a, model_dir: str, app: str, *, engine: str = "vllm", **scaling):
     sc = ScalingConfig(min_replicas=1, max_replicas=2, max_ongoing_requests=64, max_queued_requests=512, num_cpus=1,
                        num_gpus=0 if a.cpu else 0.5, **scaling)
     return ServeJobConfig(model=model_dir, app_name=app, port=free_port(), request_timeout_s=600,
-                          start_timeout_s=a.start_timeout, llm=LLMConfig(engine=engine, engine_options=opts),
+                          start_timeout_s=a.start_timeout, llm=LLMConfig(engine=engine, engine_options=opts,
+                                                                stream_interval_ms=a.stream_interval_ms),
                           scaling=sc)
 
 
@@ -686,6 +687,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                                      "'--max-num-batched-tokens 2048 --max-num-seqs 128'")
     ap.add_argument("--ours-target", type=float, default=48.0,
                     help="ours: target_ongoing_requests (above the largest concurrency: one replica)")
+    ap.add_argument("--stream-interval-ms", type=float, default=25.0,
+                    help="ours/autoscale: llm.stream_interval_ms (deltas coalesced per this; 0 = one chunk per step)")
     ap.add_argument("--start-timeout", type=float, default=420.0, help="seconds for a server to come up")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="write what was measured and exit after this")
     ap.add_argument("--as-engine", default="vllm", help="autoscale: engine of the replicas (vllm; reference)")
