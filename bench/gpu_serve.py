@@ -309,20 +309,28 @@ def our_config(a, model_dir: str, app: str, *, engine: str = "vllm", **scaling):
                           scaling=sc)
 
 
-def part_ours(a, model_dir: str, res: dict) -> None:
-    import dataclasses
+def deploy_timed(a, cfg, res: dict) -> str:
+    """Ray up, our app deployed (``start_s``: deploy → RUNNING, engine start included); returns its URL."""
+    from jobs.serve import deploy
 
-    from jobs.serve import deploy, undeploy
-
-    app = APPS["ours"]
-    cfg = our_config(a, model_dir, app, target_ongoing_requests=a.ours_target)
-    res["config"] = {"llm": dataclasses.asdict(cfg.llm), "scaling": dataclasses.asdict(cfg.scaling)}
     ray_up(a)
     res["stage"] = "deploy"
     t = time.perf_counter()
     url = deploy(cfg)
     res["start_s"] = round(time.perf_counter() - t, 1)
-    log(f"ours: RUNNING at {url} after {res['start_s']} s")
+    log(f"{res['part']}: RUNNING at {url} after {res['start_s']} s")
+    return url
+
+
+def part_ours(a, model_dir: str, res: dict) -> None:
+    import dataclasses
+
+    from jobs.serve import undeploy
+
+    app = APPS["ours"]
+    cfg = our_config(a, model_dir, app, target_ongoing_requests=a.ours_target)
+    res["config"] = {"llm": dataclasses.asdict(cfg.llm), "scaling": dataclasses.asdict(cfg.scaling)}
+    url = deploy_timed(a, cfg, res)
     res["stage"] = "sample"
     res["sample"] = sample(url)
     res["stage"] = "load"
@@ -496,7 +504,7 @@ async def autoscale_run(a, url: str, app: str, res: dict) -> None:
 def part_autoscale(a, model_dir: str, res: dict) -> None:
     import dataclasses
 
-    from jobs.serve import deploy, undeploy
+    from jobs.serve import undeploy
 
     app = APPS["autoscale"]
     cfg = our_config(a, model_dir, app, engine=a.as_engine, target_ongoing_requests=a.as_target,
@@ -504,12 +512,7 @@ def part_autoscale(a, model_dir: str, res: dict) -> None:
                      metrics_interval_s=0.5, graceful_shutdown_timeout_s=10.0)
     res["config"] = {"llm": dataclasses.asdict(cfg.llm), "scaling": dataclasses.asdict(cfg.scaling),
                      "concurrency": a.as_concurrency, "max_tokens": a.as_max_tokens, "hold_s": a.as_hold_s}
-    ray_up(a)
-    res["stage"] = "deploy"
-    t = time.perf_counter()
-    url = deploy(cfg)
-    res["start_s"] = round(time.perf_counter() - t, 1)
-    log(f"autoscale: RUNNING at {url} after {res['start_s']} s (1 replica)")
+    url = deploy_timed(a, cfg, res)
     res["stage"] = "load"
     asyncio.run(autoscale_run(a, url, app, res))
     res.pop("stage")

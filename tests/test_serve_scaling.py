@@ -160,37 +160,45 @@ def test_killed_replica_is_replaced_and_retrying_client_completes(cluster):
         delete("kill")
 
 
-def test_autoscaling_up_under_load_and_down_when_idle(cluster):
+def scale_up_under_load_then_down(app: str, url: str, *, clients: int, max_tokens: int, replicas_under_load: int,
+                                  while_up=None) -> None:
+    """``clients`` threads stream completions of ``max_tokens`` back to back until ``replicas_under_load`` replicas
+    run (``while_up()`` is then called, still under load); the load stops and the app must return to one replica."""
     from openai import OpenAI
 
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=3, timeout=60)
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            client.completions.create(model=app, prompt="sky", max_tokens=max_tokens, temperature=0)
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while replicas(app).get("RUNNING", 0) < replicas_under_load:
+            assert time.monotonic() < deadline, f"never scaled up: {replicas(app)}"
+            time.sleep(0.5)
+        if while_up is not None:
+            while_up()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    deadline = time.monotonic() + 90
+    while replicas(app) != {"RUNNING": 1}:
+        assert time.monotonic() < deadline, f"never scaled down: {replicas(app)}"
+        time.sleep(0.5)
+
+
+def test_autoscaling_up_under_load_and_down_when_idle(cluster):
     url = deploy_app(cluster, "auto", min_replicas=1, max_replicas=3, target_ongoing_requests=1.0,
                      upscale_delay_s=1.0, downscale_delay_s=4.0, metrics_interval_s=0.5)
     try:
         assert replicas("auto") == {"RUNNING": 1}
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=3, timeout=60)
-        stop = threading.Event()
-
-        def load():
-            while not stop.is_set():
-                client.completions.create(model="auto", prompt="sky", max_tokens=100, temperature=0)
-
-        threads = [threading.Thread(target=load) for _ in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            deadline, peak = time.monotonic() + 60, 1
-            while peak < 2:
-                assert time.monotonic() < deadline, f"never scaled up: {replicas('auto')}"
-                peak = max(peak, replicas("auto").get("RUNNING", 0))
-                time.sleep(0.5)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
-        deadline = time.monotonic() + 90
-        while replicas("auto") != {"RUNNING": 1}:
-            assert time.monotonic() < deadline, f"never scaled down: {replicas('auto')}"
-            time.sleep(0.5)
+        scale_up_under_load_then_down("auto", url, clients=4, max_tokens=100, replicas_under_load=2)
     finally:
         delete("auto")
 
@@ -199,38 +207,18 @@ def test_engine_load_signal_scales_up_long_requests(cluster):
     """Two long requests in flight: Serve's own signal (target 8 ongoing requests) would keep one replica; the
     engine_load signal counts their tokens (~2 × 200 against a target of 150 per replica) and adds one, then
     goes back to one replica when idle."""
-    from openai import OpenAI
-
     url = deploy_app(cluster, "tokens", min_replicas=1, max_replicas=2, signal="engine_load",
                      target_engine_load=150, target_ongoing_requests=8, upscale_delay_s=1.0, downscale_delay_s=3.0,
                      metrics_interval_s=0.5)
+
+    def health_reports_the_load():
+        status, health, _ = http("GET", f"{url}/health")
+        assert status == 200 and set(health["load"]) == {"running", "waiting", "pending_tokens",
+                                                         "kv_cache_usage"}, health
+
     try:
-        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=3, timeout=60)
-        stop = threading.Event()
-
-        def load():
-            while not stop.is_set():
-                client.completions.create(model="tokens", prompt="sky", max_tokens=200, temperature=0)
-
-        threads = [threading.Thread(target=load) for _ in range(2)]
-        for t in threads:
-            t.start()
-        try:
-            deadline = time.monotonic() + 60
-            while replicas("tokens").get("RUNNING", 0) < 2:
-                assert time.monotonic() < deadline, f"never scaled up: {replicas('tokens')}"
-                time.sleep(0.5)
-            status, health, _ = http("GET", f"{url}/health")
-            assert status == 200 and set(health["load"]) == {"running", "waiting", "pending_tokens",
-                                                             "kv_cache_usage"}, health
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(60)
-        deadline = time.monotonic() + 90
-        while replicas("tokens") != {"RUNNING": 1}:
-            assert time.monotonic() < deadline, f"never scaled down: {replicas('tokens')}"
-            time.sleep(0.5)
+        scale_up_under_load_then_down("tokens", url, clients=2, max_tokens=200, replicas_under_load=2,
+                                      while_up=health_reports_the_load)
     finally:
         delete("tokens")
 
