@@ -309,17 +309,31 @@ def our_config(a, model_dir: str, app: str, *, engine: str = "vllm", **scaling):
                           scaling=sc)
 
 
+def timed_start(res: dict, start) -> str:
+    """``start()`` brings a server up and returns its URL; ``start_s`` records how long (engine start included)."""
+    res["stage"] = "deploy"
+    t = time.perf_counter()
+    url = start()
+    res["start_s"] = round(time.perf_counter() - t, 1)
+    log(f"{res['part']}: serving at {url} after {res['start_s']} s")
+    return url
+
+
 def deploy_timed(a, cfg, res: dict) -> str:
-    """Ray up, our app deployed (``start_s``: deploy → RUNNING, engine start included); returns its URL."""
+    """Ray up and our app deployed (deploy → RUNNING); returns its URL."""
     from jobs.serve import deploy
 
     ray_up(a)
-    res["stage"] = "deploy"
-    t = time.perf_counter()
-    url = deploy(cfg)
-    res["start_s"] = round(time.perf_counter() - t, 1)
-    log(f"{res['part']}: RUNNING at {url} after {res['start_s']} s")
-    return url
+    return timed_start(res, lambda: deploy(cfg))
+
+
+def sample_and_measure(a, url: str, res: dict, app: str | None = None) -> None:
+    """One plain request (the way users call the API), then the load levels, each step named in ``stage``."""
+    res["stage"] = "sample"
+    res["sample"] = sample(url)
+    res["stage"] = "load"
+    measure(a, url, res, app)
+    res.pop("stage")
 
 
 def part_ours(a, model_dir: str, res: dict) -> None:
@@ -330,12 +344,7 @@ def part_ours(a, model_dir: str, res: dict) -> None:
     app = APPS["ours"]
     cfg = our_config(a, model_dir, app, target_ongoing_requests=a.ours_target)
     res["config"] = {"llm": dataclasses.asdict(cfg.llm), "scaling": dataclasses.asdict(cfg.scaling)}
-    url = deploy_timed(a, cfg, res)
-    res["stage"] = "sample"
-    res["sample"] = sample(url)
-    res["stage"] = "load"
-    measure(a, url, res, app)
-    res.pop("stage")
+    sample_and_measure(a, deploy_timed(a, cfg, res), res, app)
     undeploy(app)
 
 
@@ -382,16 +391,11 @@ def part_vllm(a, model_dir: str, res: dict) -> None:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         _children.append(proc)
         try:
-            res["stage"] = "deploy"
-            t = time.perf_counter()
-            wait_http(f"{url}/health", a.start_timeout, proc)
-            res["start_s"] = round(time.perf_counter() - t, 1)
-            log(f"vllm: serving at {url} after {res['start_s']} s")
-            res["stage"] = "sample"
-            res["sample"] = sample(url)
-            res["stage"] = "load"
-            measure(a, url, res)
-            res.pop("stage")
+            def up() -> str:
+                wait_http(f"{url}/health", a.start_timeout, proc)
+                return url
+
+            sample_and_measure(a, timed_start(res, up), res)
         finally:
             stop_process(proc)
             if a.out:  # the server's own log comes back with the results (its last 4 MiB)
@@ -422,18 +426,13 @@ def part_ray_llm(a, model_dir: str, res: dict) -> None:
     built = build_openai_app({"llm_configs": [cfg]})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 600})
-    res["stage"] = "deploy"
-    t = time.perf_counter()
-    serve.run(built, name=app, route_prefix="/", blocking=False)
-    wait_running(app, a.start_timeout)
-    res["start_s"] = round(time.perf_counter() - t, 1)
-    url = f"http://127.0.0.1:{port}"
-    log(f"ray-llm: RUNNING at {url} after {res['start_s']} s")
-    res["stage"] = "sample"
-    res["sample"] = sample(url)
-    res["stage"] = "load"
-    measure(a, url, res)
-    res.pop("stage")
+
+    def up() -> str:
+        serve.run(built, name=app, route_prefix="/", blocking=False)
+        wait_running(app, a.start_timeout)
+        return f"http://127.0.0.1:{port}"
+
+    sample_and_measure(a, timed_start(res, up), res)
     serve.delete(app)
 
 
