@@ -43,6 +43,7 @@ from actors.scorers import ScorerConfig
 from cluster.storage import RunStore, check_uri, is_uri, require_path
 from core.config import ConfigError, run_job, to_dict
 from core.files import read_jsonl
+from tasks.evaluation import prompt_chat
 
 log = logging.getLogger("llamaray.rs")
 
@@ -182,8 +183,8 @@ def read_prompts(sources: list[PromptSource]) -> list[Prompt]:
             pid = str(row["id"])
             if pid in prompts:
                 raise ConfigError(f"{path}: duplicate prompt id {pid!r}")
-            messages = row.get("messages") or [{"role": "user", "content": str(row.get("prompt", ""))}]
-            prompts[pid] = Prompt(pid, str(row.get("task", src.task)), messages, str(row.get("reference", "")), si)
+            prompts[pid] = Prompt(pid, str(row.get("task", src.task)), prompt_chat(row), str(row.get("reference", "")),
+                                  si)
     return sorted(prompts.values(), key=lambda p: p.id)
 
 

@@ -19,6 +19,12 @@ Answerer = Callable[[Sequence[Messages]], list[str]]
 METRICS = ("numeric", "exact")
 
 
+def prompt_chat(row: dict) -> Messages:
+    """The chat of a prompt-file row (tasks/arithmetic.py's, RS prompt sources): its ``messages``, or its ``prompt``
+    as one user turn."""
+    return row.get("messages") or [{"role": "user", "content": str(row.get("prompt", ""))}]
+
+
 @dataclass(frozen=True)
 class HeldOut:
     """Held-out chat prompts and the reference answer of each."""
@@ -43,7 +49,7 @@ class HeldOut:
                 break
             if not isinstance(row, dict) or "reference" not in row or not ("messages" in row or "prompt" in row):
                 raise ConfigError(f"{path}:{ln}: a held-out row needs `reference` and `messages` or `prompt`")
-            messages.append(row.get("messages") or [{"role": "user", "content": str(row["prompt"])}])
+            messages.append(prompt_chat(row))
             refs.append(str(row["reference"]))
         return cls(messages, refs)
 
