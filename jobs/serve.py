@@ -166,17 +166,22 @@ def wait_running(app_name: str, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def openai_client(url: str, api_key: str | None = None, timeout_s: float = 120.0):
+    """The ``openai`` client for the application at ``url`` (None when openai, a dev extra, is not installed)."""
+    try:
+        from openai import OpenAI
+    except ImportError:
+        return None
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=2, timeout=timeout_s)
+
+
 def chat_once(url: str, prompt: str, *, api_key: str | None = None, max_tokens: int = 32,
               timeout_s: float = 120.0) -> dict:
     """One chat request to the running application through the ``openai`` client (the way users call it; plain
     HTTP with the same body when the client is not installed). Returns model id, answer, weights hash, usage."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}
-    try:
-        from openai import OpenAI
-    except ImportError:  # openai is a dev extra; the server speaks the same JSON either way
-        OpenAI = None  # noqa: N806
-    if OpenAI is not None:
-        client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "unused", max_retries=2, timeout=timeout_s)
+    client = openai_client(url, api_key, timeout_s)
+    if client is not None:
         model = client.models.list().data[0].id
         r = client.chat.completions.create(model=model, **body)
         return {"model": model, "answer": r.choices[0].message.content, "hash": r.system_fingerprint,
@@ -189,6 +194,29 @@ def chat_once(url: str, prompt: str, *, api_key: str | None = None, max_tokens: 
         r = json.load(resp)
     return {"model": r["model"], "answer": r["choices"][0]["message"]["content"], "hash": r["system_fingerprint"],
             "finish_reason": r["choices"][0]["finish_reason"], "completion_tokens": r["usage"]["completion_tokens"]}
+
+
+def endpoint_answerer(url: str, *, api_key: str | None = None, max_tokens: int = 128, concurrency: int = 8,
+                      timeout_s: float = 300.0):
+    """A held-out ``Answerer`` (tasks/evaluation.py) that asks the running application: one greedy chat completion
+    per prompt through the ``openai`` client, ``concurrency`` requests in flight, answers in prompt order — so
+    ``greedy_accuracy(endpoint_answerer(url), heldout)`` measures a model as its users reach it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = openai_client(url, api_key, timeout_s)
+    if client is None:
+        raise RuntimeError("endpoint_answerer needs the `openai` package (pip install openai)")
+    model = client.models.list().data[0].id
+
+    def one(messages: list[dict[str, str]]) -> str:
+        r = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].message.content or ""
+
+    def answer(prompts):
+        with ThreadPoolExecutor(max(1, concurrency)) as pool:
+            return list(pool.map(one, prompts))
+
+    return answer
 
 
 def undeploy(app_name: str) -> None:

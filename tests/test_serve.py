@@ -284,6 +284,23 @@ def test_client_disconnect_aborts_generation(served):
     assert time.perf_counter() - closed < max(0.5 * remaining, 1.0), (time.perf_counter() - closed, remaining)
 
 
+def test_heldout_accuracy_through_the_endpoint(served):
+    """jobs.serve.endpoint_answerer (how bench/smollm2_recipe.py scores a served model): concurrent greedy requests
+    through the openai client give the answers of the same prompts asked one at a time, and the verifier scores
+    them (every other reference is wrong, so exactly half pass). The random tiny model answers every prompt alike,
+    so the prompt order is checked by construction (ThreadPoolExecutor.map), not by this test."""
+    from jobs.serve import chat_once, endpoint_answerer
+    from tasks.evaluation import HeldOut, greedy_accuracy
+
+    prompts = [f"count to {i} and stop" for i in range(6)]
+    alone = [chat_once(served["url"], p, max_tokens=8)["answer"] or "" for p in prompts]
+    refs = [a if i % 2 == 0 else "not this answer" for i, a in enumerate(alone)]
+    heldout = HeldOut([[{"role": "user", "content": p}] for p in prompts], refs)
+    score = greedy_accuracy(endpoint_answerer(served["url"], max_tokens=8, concurrency=3), heldout, "exact")
+    assert score.answers == alone
+    assert score.accuracy == 0.5
+
+
 def test_promote_while_streaming(served, client):
     """Streams run back to back (3 at a time) while `llamaray promote` rolls checkpoint b in (Serve replaces the
     replica; the old one drains): every stream completes; a stream on a was still running after streams on b had
