@@ -56,7 +56,7 @@ def main() -> int:
     for k in list(out):
         if isinstance(out[k], dict):
             out[k] = {x.replace("gpus", "workers").replace("per_gpu", "per_worker"): y
-                      for x, y in out[k].items() if x not in ("mfu", "mfu_with_head")}
+                      for x, y in out[k].items() if x not in ("mfu", "mfu_head_excluded")}
     print(json.dumps(out))
     return 0
 

@@ -8,8 +8,11 @@ Runbook (GPU machine, Ray staged as in /work/shared/DESIGN.md)::
 Both paths run the SAME loop (training/loop.run_worker): FSDP2 per block + root, bf16 params / fp32 reduce,
 torch.compile per block, fused AdamW, no activation checkpointing, micro batch 8 × 2048 per GPU, synthetic tokens
 (data loading is not the subject), no checkpoints. Figures are medians over the steps after ``--warmup``.
-MFU = tokens/s × ModelArgs.flops_per_token(seq) / (device peak × GPUs; training/flops.py, 989e12 on H100/H200) (N without embedding; with tied embeddings
-that leaves the output-head matmul out, so ``mfu_with_head`` is printed too). Prints one JSON line.
+MFU = tokens/s × ModelArgs.flops_per_token(seq) / (device peak × GPUs; training/flops.py, 989e12 on H100/H200), N
+counting every matmul, the tied output head included (issue 14's convention, ModelArgs.matmul_params). The figure of
+the older formula, which left a tied head out of N, is printed beside it as ``mfu_head_excluded``. Prints one JSON
+line. The tables below were measured before the convention changed: their "MFU with head" column is today's
+``mfu``, their "MFU" column today's ``mfu_head_excluded``.
 
 Measured 2026-11-25 (torch 2.11+cu130, H100 80GB HBM3, llama-1b = 1.24 B params with the 128k tied embedding,
 seq 2048, micro 8/GPU, medians of steps 11-30):
@@ -136,11 +139,12 @@ def summarise(metrics_dir: str, a: argparse.Namespace, world: int, wall: float) 
         return {"error": f"no metrics rows in {metrics_dir}"}
     tps = statistics.median(float(r["tokens_per_s"]) for r in rows)
     args = ModelArgs.from_name(a.preset)
-    head = 6 * args.dim * args.vocab_size
+    head = 6 * args.dim * args.vocab_size if args.tie_embeddings else 0
     peak = device_peak()
     return {"gpus": world, "tokens_per_s": round(tps), "tokens_per_s_per_gpu": round(tps / world),
             "mfu": round(tps * args.flops_per_token(a.seq) / (peak * world), 4) if peak else None,
-            "mfu_with_head": round(tps * (args.flops_per_token(a.seq) + head) / (peak * world), 4) if peak else None,
+            "mfu_head_excluded": round(tps * (args.flops_per_token(a.seq) - head) / (peak * world), 4) if peak
+            else None,
             "peak_mem_gb": round(max(float(r["peak_mem_gb"]) for r in rows), 1),
             "final_loss": round(float(rows[-1]["loss"]), 3), "steps_measured": len(rows), "wall_s": round(wall, 1)}
 
@@ -206,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--modes", default="ray,torchrun", help="ray,torchrun: which paths to run at --gpus")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--ac", action="store_true", help="activation checkpointing")
+    ap.add_argument("--ac", choices=("none", "full", "selective"), default="none",
+                    help="activation checkpointing per block (training/parallel.AC_MODES)")
     ap.add_argument("--loss", choices=["fused", "plain"], default="fused",
                     help="fused: head + cross-entropy compiled together; plain: Transformer.forward's fp32 logits")
     ap.add_argument("--profile", metavar="FILE", help="torchrun only: write the run's CUDA kernels by total time "

@@ -292,7 +292,10 @@ def run_mode(name: str, d: Path, tok_dir: Path, data: Path, a: argparse.Namespac
     if error:
         out["error"] = error
     if a.gpu:
-        out["mfu"] = round(tps * args.flops_per_token(int(mean_len)) / (989e12 * a.workers), 4)
+        from training.flops import peak_flops
+
+        peak = peak_flops(gpu_name() or "")  # None on a card without a datasheet figure: no MFU rather than a wrong one
+        out["mfu"] = round(tps * args.flops_per_token(int(mean_len)) / (peak * a.workers), 4) if peak else None
     if not a.keep:
         shutil.rmtree(rd, ignore_errors=True)  # llama-1b full: ~15 GB of DCP checkpoint
     return out

@@ -115,7 +115,7 @@ class ModelArgs:
         return dataclasses.asdict(self)
 
     def num_params(self, *, embedding: bool = True) -> int:
-        """Parameter count; ``embedding=False`` leaves out the token embedding (the N of the MFU formula)."""
+        """Parameter count (a tied head counted once); ``embedding=False`` leaves out the token embedding."""
         attn = self.dim * self.hd * (self.n_heads * 2 + self.kv_heads * 2)  # wq, wo, wk, wv
         mlp = 3 * self.dim * self.intermediate_size
         block = attn + mlp + 2 * self.dim
@@ -124,9 +124,16 @@ class ModelArgs:
         n = self.n_layers * block + self.dim + head
         return n + emb if embedding else n
 
+    def matmul_params(self) -> int:
+        """N of the MFU formula: the weights of every matmul a token goes through — the seven projections of each
+        block and the output head, tied to the embedding or not (Megatron-LM's convention; the embedding lookup and
+        the norms are no matmuls)."""
+        attn = self.dim * self.hd * (self.n_heads * 2 + self.kv_heads * 2)  # wq, wo, wk, wv
+        return self.n_layers * (attn + 3 * self.dim * self.intermediate_size) + self.vocab_size * self.dim
+
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B)."""
-        return 6 * self.num_params(embedding=False) + 12 * self.n_layers * self.n_heads * self.hd * seq_len
+        """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B), N = matmul_params()."""
+        return 6 * self.matmul_params() + 12 * self.n_layers * self.n_heads * self.hd * seq_len
 
 
 PRESETS: dict[str, ModelArgs] = {

@@ -30,9 +30,17 @@ def test_tiny_preset_param_count_equals_module():
     assert args.hd >= 64  # vLLM's CPU attention refuses smaller heads
 
 
-def test_flops_per_token_formula():
-    a = ModelArgs.from_name("tiny")
-    assert a.flops_per_token(128) == 6 * a.num_params(embedding=False) + 12 * a.n_layers * a.n_heads * a.hd * 128
+@pytest.mark.parametrize("tied", [True, False])
+def test_flops_per_token_counts_every_matmul_by_hand(tied):
+    """dim 8, 2 layers, 2 heads of 4, 1 KV head, MLP 16, vocabulary 10. Per block: wq 8·8 + wk 8·4 + wv 8·4 + wo 8·8
+    = 192, w1 + w3 + w2 = 3·8·16 = 384 → 576; two blocks 1152; the head 10·8 = 80, tied or not → N = 1232.
+    Attention at T = 5: 12·L·H·Q·T = 12·2·2·4·5 = 960. 6·1232 + 960 = 8352."""
+    a = ModelArgs(dim=8, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=16, vocab_size=10,
+                  tie_embeddings=tied)
+    assert a.matmul_params() == 1232
+    assert a.flops_per_token(5) == 8352
+    model = build_model(a)  # the same N read off the module: every nn.Linear weight, the (tied) head included
+    assert sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) == 1232
 
 
 @pytest.mark.parametrize("kv_heads", [None, 1, 2])
