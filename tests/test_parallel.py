@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(dim=128, n_layers=2, n_heads=2, n_kv_heads=1, intermediate_size=256, vocab_size=300, max_seq_len=64,
              tie_embeddings=True)
 
-# Runs under torchrun with 2 (gloo) ranks: shards, compares the fused loss with forward()'s, trains 3 steps,
-# saves a DCP checkpoint, and reports what each rank holds.
+# Runs under torchrun with 2 (gloo) ranks: shards, compares the fused loss with forward()'s (and with selective
+# activation checkpointing), trains 3 steps, saves a DCP checkpoint, and reports what each rank holds.
 TWO_RANKS = textwrap.dedent("""
     import json, sys, torch
     import torch.distributed as dist
@@ -39,9 +39,11 @@ TWO_RANKS = textwrap.dedent("""
     args = ModelArgs(**json.loads(sys.argv[2]))
     batch = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(rank))
     res = {}
-    for name, fn in (("plain", causal_lm_loss), ("fused", fused_lm_loss)):
+    # the last run (selective activation checkpointing) is also the one checkpointed: DCP names without wrappers
+    for name, fn, ac in (("plain", causal_lm_loss, "none"), ("fused", fused_lm_loss, "none"),
+                         ("fused_sac", fused_lm_loss, "selective")):
         m = build_model(args, seed=0)
-        apply_fsdp(m, device_type="cpu", mesh=init_device_mesh("cpu", (2,)))
+        apply_fsdp(m, device_type="cpu", mesh=init_device_mesh("cpu", (2,)), activation_checkpointing=ac)
         opt = torch.optim.AdamW(param_groups(m, 0.1), lr=1e-2)
         losses = []
         for _ in range(3):
@@ -82,6 +84,7 @@ def test_fused_loss_trains_exactly_like_forward_loss(two_rank_run):
     _, ranks = two_rank_run
     for r in ranks:
         torch.testing.assert_close(r["fused"], r["plain"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["fused_sac"], r["plain"], rtol=1e-5, atol=1e-5)  # AC under FSDP2: same steps
         assert r["plain"][-1] < r["plain"][0]  # three AdamW steps on one batch reduce its loss
 
 
@@ -186,3 +189,55 @@ def test_step_callbacks_are_module_function_paths():
     assert [f.__name__ for f in load_callbacks(["tests.faults:record_consumed"])] == ["record_consumed"]
     with pytest.raises(ConfigError, match="tests.faults:nope"):
         load_callbacks(["tests.faults:nope"])
+
+
+def _backward_ops_and_grads(mode: str) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """How often backward ran matmuls (``mm``) and SiLU's forward (a recomputed elementwise op) for one step of
+    SMALL with activation checkpointing ``mode``, and the gradients (names without the wrapper prefix)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from training.objectives.pretrain import causal_lm_loss
+    from training.parallel import checkpoint_blocks
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops = {"mm": 0, "silu": 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in self.ops:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = checkpoint_blocks(build_model(ModelArgs(**SMALL), seed=0), mode)
+    batch = torch.randint(0, SMALL["vocab_size"], (4, 33), generator=torch.Generator().manual_seed(0))
+    loss = causal_lm_loss(model, batch)
+    with Count() as count:
+        loss.backward()
+    names = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in model.named_parameters()}
+    return count.ops, names
+
+
+def test_activation_checkpointing_modes_keep_gradients_and_recompute_what_they_say():
+    """none / full / selective (training/parallel.AC_MODES) give the same gradients. In backward, full recomputes
+    the blocks' matmuls and elementwise ops; selective recomputes the elementwise ops only (SiLU runs again, no extra
+    matmul: their outputs were kept); none recomputes nothing."""
+    from core.config import from_dict
+    from training.parallel import checkpoint_blocks
+
+    got = {mode: _backward_ops_and_grads(mode) for mode in ("none", "full", "selective")}
+    ref = got["none"][1]
+    for mode in ("full", "selective"):
+        assert got[mode][1].keys() == ref.keys()
+        for name, g in ref.items():
+            torch.testing.assert_close(got[mode][1][name], g, rtol=1e-6, atol=1e-7, msg=f"{mode}: {name}")
+    ops = {mode: o for mode, (o, _) in got.items()}
+    # full recomputes each block up to the last tensor backward needs: 6 of its 7 projections (w2's output is not)
+    assert ops["full"]["mm"] == ops["none"]["mm"] + 6 * SMALL["n_layers"], ops
+    assert ops["selective"]["mm"] == ops["none"]["mm"], ops
+    assert ops["none"]["silu"] == 0 and ops["full"]["silu"] == ops["selective"]["silu"] == SMALL["n_layers"], ops
+    with pytest.raises(ValueError, match="not one of"):
+        checkpoint_blocks(build_model(ModelArgs(**SMALL)), "some")
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        from_dict(TrainConfig, {"activation_checkpointing": True}, "train")

@@ -43,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -82,8 +82,10 @@ class TrainConfig:
     """Seed of the weight initialisation."""
     compile: bool = False
     """torch.compile each transformer block (worth it on GPU; slow to start on CPU)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Per transformer block (training/parallel.AC_MODES): none; full (keep only each block's input, recompute it
+    all in backward: least memory, ~1/3 more compute); selective (keep matmul and attention outputs, recompute only
+    the elementwise ops — norms, SwiGLU, RoPE, residual adds: frees their activations for little recompute)."""
     eval_sequences: int = 32
     """Validation sequences per evaluation, at most the split (0: the whole split; rounded up to whole micro-batches
     per worker)."""

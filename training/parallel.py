@@ -29,12 +29,49 @@ def mixed_precision_policy(device_type: str):
     return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
+AC_MODES = ("none", "full", "selective")
+"""Activation checkpointing per transformer block: none; full (keep only the block's input, recompute everything in
+backward); selective (keep the outputs of the matmuls and of attention, recompute the cheap elementwise ops —
+norms, SwiGLU, RoPE, residual adds — torchtitan's op-level selective AC)."""
+
+_SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+"""aten ops whose outputs selective AC keeps (the compute-heavy ones); every other op is recomputed."""
+
+
+def _selective_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def checkpoint_blocks(model: nn.Module, mode: str) -> nn.Module:
+    """Wrap each of ``model.layers`` for activation checkpointing ``mode`` (AC_MODES) in place; returns the model.
+    Gradients are those of the unwrapped model: only what backward keeps vs recomputes changes."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing {mode!r} is not one of {AC_MODES}")
+    if mode == "none":
+        return model
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    extra = {"context_fn": _selective_context} if mode == "selective" else {}
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
+    return model  # DCP's get_state_dict strips the wrapper prefix from parameter names
+
+
 def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool = False,
-               activation_checkpointing: bool = False, reshard_last_block: bool = False) -> nn.Module:
+               activation_checkpointing: str = "none", reshard_last_block: bool = False) -> nn.Module:
     """Shard ``model`` (a model.llama.Transformer) in place over ``mesh`` (default: the whole world) and return it.
 
-    ``reshard_last_block=False`` keeps the last block's parameters gathered after forward, since backward needs them
-    at once (saves one all-gather per step; torchtitan does the same).
+    ``activation_checkpointing`` is one of AC_MODES. ``reshard_last_block=False`` keeps the last block's parameters
+    gathered after forward, since backward needs them at once (saves one all-gather per step; torchtitan does the
+    same).
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -42,12 +79,8 @@ def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool =
     if compile:  # identical blocks share one graph; leave room in case guards still tell them apart
         import torch._dynamo
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(model.layers))
-    layers = model.layers
+    layers = checkpoint_blocks(model, activation_checkpointing).layers
     for i, block in enumerate(layers):
-        if activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-            block = checkpoint_wrapper(block, preserve_rng_state=False)
-            layers[i] = block  # DCP's get_state_dict strips the wrapper prefix from parameter names
         if compile:
             # Compile the block's forward only: FSDP2's pre/post-forward hooks stay eager, names stay unchanged.
             block.forward = torch.compile(block.forward, fullgraph=True)
