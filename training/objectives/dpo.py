@@ -16,15 +16,18 @@ from training.sft_data import PairRows, pad_right
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
                    nll_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs,
-    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2)."""
+    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2).
+    Per pair, not per row: the policy's log-probs are summed per segment of ``doc`` (P chosen then P rejected
+    segments; P = B unless the rows are packed) and lined up with ``ref`` (2P,) in the same order."""
     from model.losses import IGNORE, dpo_loss
 
     labels = batch["labels"]
-    logp = answer_logprobs(model, batch["tokens"], labels)  # (2B,)
+    logp = answer_logprobs(model, batch["tokens"], labels, batch["doc"], batch.get("positions"))  # (2P,)
     ref = batch["ref"]
-    b = logp.shape[0] // 2
+    b = logp.shape[0] // 2  # P pairs
     s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)
-    chosen_nll = -logp[:b].sum() / (labels[:b] != IGNORE).sum().clamp_min(1)
+    chosen_rows = labels[:labels.shape[0] // 2]
+    chosen_nll = -logp[:b].sum() / (chosen_rows != IGNORE).sum().clamp_min(1)
     loss = s.loss + nll_weight * chosen_nll if nll_weight else s.loss
     pc, pr = logp[:b].detach(), logp[b:].detach()
     return loss, {"dpo_loss": s.loss.detach(), "chosen_nll": chosen_nll.detach(), "reward_margin": s.reward_margin,
@@ -35,7 +38,7 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
 @dataclass
 class DpoObjective(FinetuneObjective):
     """DPO: ``dpo_batch_loss`` on PairRows (B chosen rows followed by their B rejected rows, with reference
-    log-probs); DPO statistics (reward margin/accuracy, log-probs) next to the loss."""
+    log-probs; packed or one pair per row); DPO statistics (reward margin/accuracy, log-probs) next to the loss."""
 
     name: ClassVar[str] = "dpo"
     rows: ClassVar[type] = PairRows
