@@ -140,6 +140,12 @@ def test_packed_dpo_logprobs_loss_and_gradients_equal_unpacked(dpo_file):
         torch.testing.assert_close(g_packed[k], g, rtol=1e-9, atol=1e-12, msg=k)
 
 
+def test_reference_logprobs_scored_packed_equal_unpacked(dpo_file):
+    ref, pairs = model(seed=1), PairRows(dpo_file).pairs
+    torch.testing.assert_close(reference_logprobs(ref, pairs, 0, batch_size=2, pack_len=PACK),
+                               reference_logprobs(ref, pairs, 0, batch_size=4), rtol=1e-12, atol=1e-12)
+
+
 def test_document_mask_keeps_conversations_apart(sft_file):
     m = model().eval()
     b = everything(SftRows(sft_file, 0, PACK))

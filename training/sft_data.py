@@ -324,10 +324,18 @@ class SftRows:
         return {k: v.to(device) for k, v in collate(rows, self.pad_id, self.packed).items()}
 
 
+def collate_pairs(pairs: list[tuple[list[int], ...]], groups: list[list[int]], pad_id: int,
+                  packed: bool) -> dict[str, Tensor]:
+    """``collate`` of rendered pairs (c_inputs, c_labels, r_inputs, r_labels): row i of the first half holds the
+    chosen sequences of ``groups[i]``, row i of the second half their rejected ones, in the same order."""
+    rows = [[(pairs[j][2 * side], pairs[j][2 * side + 1]) for j in g] for side in (0, 1) for g in groups]
+    return collate(rows, pad_id, packed)
+
+
 class PairRows:
     """RowSource over a rendered preference Parquet file: batch → chosen rows then rejected rows stacked
-    (``collate``'s dict with (2B, T) tensors, plus "ref" (2P,) the reference sequence log-probs of the batch's P
-    chosen segments then its P rejected segments, in ``doc`` order).
+    (``collate_pairs``' dict with (2B, T) tensors, plus "ref" (2P,) the reference sequence log-probs of the batch's
+    P chosen segments then its P rejected segments, in ``doc`` order).
 
     ``pack_len`` > 0 packs pairs: packed row i of the chosen half holds the chosen answers of the same pairs, in the
     same order, as row i of the rejected half, each half at most ``pack_len`` tokens, so chosen segment k and
@@ -337,23 +345,26 @@ class PairRows:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path)
-        self.cols = {c: t.column(c).to_pylist() for c in ("c_inputs", "c_labels", "r_inputs", "r_labels")}
+        self.pairs = list(zip(*(t.column(c).to_pylist() for c in ("c_inputs", "c_labels", "r_inputs", "r_labels"))))
         self.ref = (np.asarray(t.column("ref_chosen").to_pylist()), np.asarray(t.column("ref_rejected").to_pylist())) \
             if "ref_chosen" in t.column_names else None
-        c = self.cols
         self.packed = pack_len > 0
-        self.groups = pack_groups([(len(a), len(b)) for a, b in zip(c["c_inputs"], c["r_inputs"])], pack_len) \
-            if self.packed else [[i] for i in range(len(c["c_inputs"]))]
+        self.groups = pair_groups(self.pairs, pack_len)
         self.num_rows = len(self.groups)
         self.pad_id = pad_id
 
     def batch(self, indices: np.ndarray, device: torch.device) -> dict[str, Tensor]:
         groups = [self.groups[int(i) % self.num_rows] for i in indices]
-        c = self.cols
-        rows = [[(c[f"{s}_inputs"][j], c[f"{s}_labels"][j]) for j in g] for s in "cr" for g in groups]
-        out = {k: v.to(device) for k, v in collate(rows, self.pad_id, self.packed).items()}
+        out = {k: v.to(device) for k, v in collate_pairs(self.pairs, groups, self.pad_id, self.packed).items()}
         if self.ref is not None:
             pairs = [j for g in groups for j in g]
             out["ref"] = torch.tensor(np.concatenate([self.ref[0][pairs], self.ref[1][pairs]]), dtype=torch.float32,
                                       device=device)
         return out
+
+
+def pair_groups(pairs: list[tuple[list[int], ...]], pack_len: int) -> list[list[int]]:
+    """Pairs per row: ``pack_groups`` over (chosen, rejected) lengths when ``pack_len`` > 0, else one each."""
+    if pack_len > 0:
+        return pack_groups([(len(p[0]), len(p[2])) for p in pairs], pack_len)
+    return [[i] for i in range(len(pairs))]

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from training.objectives.finetune import FinetuneObjective, answer_logprobs
-from training.sft_data import PairRows, pad_right
+from training.sft_data import PairRows, collate_pairs, pair_groups
 
 
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
@@ -58,17 +58,17 @@ class DpoObjective(FinetuneObjective):
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]], pad_id: int,
-                       batch_size: int = 16) -> tuple[list[float], list[float]]:
-    """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference)."""
-    from model.losses import IGNORE
-
+def reference_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], ...]], pad_id: int,
+                       batch_size: int = 16, pack_len: int = 0) -> tuple[list[float], list[float]]:
+    """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference), in pair order;
+    ``pack_len`` > 0 scores them in packed rows (PairRows' packing: the same figures, less padding)."""
     model.eval()
-    out: list[list[float]] = [[], []]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        for side, (ci, cl) in enumerate(((0, 1), (2, 3))):
-            tokens = pad_right([r[ci] for r in chunk], pad_id)
-            labels = pad_right([r[cl] for r in chunk], IGNORE)
-            out[side] += answer_logprobs(model, tokens, labels).tolist()
-    return out[0], out[1]
+    groups = pair_groups(pairs, pack_len)
+    out = torch.zeros(2, len(pairs), dtype=torch.float64)
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start:start + batch_size]
+        b = collate_pairs(pairs, chunk, pad_id, pack_len > 0)
+        logp = answer_logprobs(model, b["tokens"], b["labels"], b["doc"], b.get("positions"))  # (2P,)
+        order = torch.tensor([j for g in chunk for j in g])
+        out[:, order] = logp.double().view(2, -1).cpu()
+    return out[0].tolist(), out[1].tolist()
