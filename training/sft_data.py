@@ -18,6 +18,10 @@ usable row at all is a configuration error raised before any worker starts.
 
 Labels: ``labels[t] = ids[t + 1]`` where token t + 1 belongs to an assistant turn (its content and the template's
 end-of-turn marker), else -100; the model reads ``ids[:-1]``. For DPO only the final answer is labelled.
+
+Batches (``collate``): one rendered chat (DPO: one chosen and one rejected sequence) per right-padded row, or with
+packing (``pack_groups``; the config's ``data.pack``) several per row, told apart by per-token segment ids ``doc``
+and positions restarting at 0; the rendered files are the same either way.
 """
 
 from __future__ import annotations
