@@ -22,7 +22,7 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
     from model.losses import IGNORE, dpo_loss
 
     labels = batch["labels"]
-    logp = answer_logprobs(model, batch["tokens"], labels, batch["doc"], batch.get("positions"))  # (2P,)
+    logp = answer_logprobs(model, batch["tokens"], labels, batch.get("doc"), batch.get("positions"))  # (2P,)
     ref = batch["ref"]
     b = logp.shape[0] // 2  # P pairs
     s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)
