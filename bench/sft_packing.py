@@ -6,9 +6,10 @@ Runbook::
     .venv/bin/python bench/sft_packing.py --threads 16 --steps 40
 
 Rows: synthetic chats with tests/sft_task.py's length spread (38–65 tokens, uniform; the second half labelled), the
-same rows for both modes. Padded: micro-batches of ``--micro`` chats, right-padded to the longest (the job's default).
-Packed: ``training/sft_data.pack_groups`` into ``--pack-len`` rows, micro-batches of ``--micro`` packed rows, document
-mask (SDPA boolean mask) and restarting positions. Both run ``sft_loss`` (training/objectives/sft.py) after
+same rows for both modes. Packed: ``training/sft_data.pack_groups`` into ``--pack-len`` rows, micro-batches of
+``--micro`` packed rows, document mask (SDPA boolean mask) and restarting positions. Padded (the job's default):
+micro-batches of as many chats as a packed micro-batch holds on average, right-padded to the longest, so both modes
+take steps of the same chats and differ only in padding and attention. Both run ``sft_loss`` (training/objectives/sft.py) after
 ``--skip`` warm-up steps; ``real_tokens_per_s`` counts only chat tokens, ``real_token_share`` is real / fed tokens.
 Leaves out: Ray Train and FSDP (bench/sft.py measures the job), GPU attention kernels for packed rows.
 """
@@ -43,7 +44,7 @@ def chats(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]
     return out
 
 
-def measure(rows: list[list[tuple[list[int], list[int]]]], packed: bool, a: argparse.Namespace,
+def measure(rows: list[list[tuple[list[int], list[int]]]], packed: bool, micro: int, a: argparse.Namespace,
             args: ModelArgs) -> dict[str, float]:
     model = build_model(args, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -52,8 +53,8 @@ def measure(rows: list[list[tuple[list[int], list[int]]]], packed: bool, a: argp
     for step in range(a.skip + a.steps):
         if step == a.skip:
             real, fed, t0 = 0, 0, time.perf_counter()
-        start = step * a.micro % (len(rows) - a.micro)
-        batch = collate(rows[start:start + a.micro], 0, packed)
+        start = step * micro % (len(rows) - micro)
+        batch = collate(rows[start:start + micro], 0, packed)
         loss, _ = sft_loss(model, batch)
         loss.backward()
         opt.step()
@@ -77,10 +78,12 @@ def main() -> None:
     args = ModelArgs.from_name(a.preset)
     data = chats(4000, args.vocab_size)
     groups = pack_groups([(len(x),) for x, _ in data], a.pack_len)
+    per_row = len(data) / len(groups)
     out = {"bench": "sft_packing", "preset": a.preset, "threads": a.threads, "micro": a.micro,
-           "pack_len": a.pack_len, "chats_per_packed_row": round(len(data) / len(groups), 2),
-           "padded": measure([[c] for c in data], False, a, args),
-           "packed": measure([[data[j] for j in g] for g in groups], True, a, args)}
+           "pack_len": a.pack_len, "chats_per_packed_row": round(per_row, 2),
+           "padded_micro": round(a.micro * per_row),
+           "padded": measure([[c] for c in data], False, round(a.micro * per_row), a, args),
+           "packed": measure([[data[j] for j in g] for g in groups], True, a.micro, a, args)}
     out["real_tokens_per_s_ratio"] = round(out["packed"]["real_tokens_per_s"] / out["padded"]["real_tokens_per_s"], 2)
     print(json.dumps(out))
 

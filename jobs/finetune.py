@@ -66,7 +66,8 @@ class SftData:
     """Pack several conversations (DPO: pairs) into each row of up to ``max_len`` tokens instead of one per
     right-padded row (training/sft_data.pack_groups: first-fit, in data order). Each conversation attends only to
     itself, with positions from 0, so losses and log-probs are those of the unpacked rows; far less padding.
-    ``train.batch_size``, ``micro_batch_size`` and ``eval_sequences`` then count packed rows (DPO: packed row pairs)."""
+    ``train.batch_size``, ``micro_batch_size`` and ``eval_sequences`` then count packed rows (DPO: packed row pairs);
+    a resumed run must keep ``pack`` and ``max_len`` (its data position counts those rows)."""
     seed: int = 0
     """Seed of the train/val shuffle."""
 
