@@ -20,8 +20,8 @@ from training.loop import TrainConfig, Worker
 def document_mask(doc: Tensor) -> Tensor:
     """Causal attention restricted to each token's own segment: ``doc`` (B, T) segment ids → (B, 1, T, T) bool,
     True where query t may attend to key s (s ≤ t and doc[t] == doc[s]); the block-diagonal mask of packed rows."""
-    T = doc.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()  # (T, T)
+    t = torch.arange(doc.shape[1], device=doc.device)
+    causal = t[:, None] >= t[None, :]  # (T, T)
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
 
 
