@@ -21,6 +21,9 @@ Metrics (train rows and, every ``run.eval_every`` steps, the held-out split → 
 reward_margin, reward_accuracy (share of pairs whose implicit reward prefers chosen), chosen_logp, rejected_logp,
 logp_margin (policy chosen − rejected log-prob), dpo_loss and chosen_nll (the two parts of the loss). Checkpoints,
 resume, export (``hf/``, ``adapter/``) as in jobs/sft.py.
+Packing (``--set data.pack=true``): pairs are packed into row pairs of up to ``data.max_len`` tokens each (chosen
+row i and rejected row i hold the same pairs in the same order); the policy's log-probs are summed per segment, so
+each pair's figures equal the unpacked ones, the reference's (scored packed on the driver) like the policy's.
 Leaves out: the reference pass on the workers (the driver holds one full copy of the model for it: fine for small
 models; for a 7B-class model precompute on a GPU node), IPO/hinge variants, length-normalised log-probs.
 """
@@ -79,7 +82,8 @@ def dpo(cfg: DpoConfig) -> dict[str, Any]:
             build_model(st.args, device="cpu", seed=cfg.train.seed)
         for name, r in (("train", st.train), ("val", st.val)):
             if r.rows:
-                c, j = reference_logprobs(ref_model, r.rows, st.tok.pad_id or 0)
+                c, j = reference_logprobs(ref_model, r.rows, st.tok.pad_id or 0,
+                                          pack_len=st.max_len if cfg.data.pack else 0)
                 save_rendered(r, data_dir / f"{name}.parquet", DpoObjective.columns, {"ref_chosen": c, "ref_rejected": j})
         del ref_model
     return train_finetune(cfg, st, DpoObjective, beta=cfg.beta, nll_weight=cfg.nll_weight)

@@ -60,7 +60,14 @@ class SftData:
     val_fraction: float = 0.1
     """Share of ``train`` held out when ``val`` is empty."""
     max_len: int = 0
-    """Longest rendered chat in tokens (longer rows are dropped and counted); 0 = the model's max_seq_len."""
+    """Longest rendered chat in tokens (longer rows are dropped and counted); 0 = the model's max_seq_len. With
+    ``pack`` also the length of a packed row."""
+    pack: bool = False
+    """Pack several conversations (DPO: pairs) into each row of up to ``max_len`` tokens instead of one per
+    right-padded row (training/sft_data.pack_groups: first-fit, in data order). Each conversation attends only to
+    itself, with positions from 0, so losses and log-probs are those of the unpacked rows; far less padding.
+    ``train.batch_size``, ``micro_batch_size`` and ``eval_sequences`` then count packed rows (DPO: packed row pairs);
+    a resumed run must keep ``pack`` and ``max_len`` (its data position counts those rows)."""
     seed: int = 0
     """Seed of the train/val shuffle."""
 
@@ -230,6 +237,8 @@ class Start:
     """The rendered training rows (training/sft_data.Rendered)."""
     val: Any
     """The rendered held-out rows."""
+    max_len: int
+    """data.max_len resolved (0 → the model's max_seq_len): the longest rendered row, and a packed row's length."""
     store: RunStore
     """The run directory (a path, or a URI with ``rd`` as its staging copy)."""
 
@@ -253,7 +262,7 @@ def render_start(cfg: FinetuneConfig, render: Callable, what: str) -> Start:
     if not tr.rows:
         raise ConfigError(f"data.train: {data.train} has no usable {what} (dropped: {dict(tr.dropped)})")
     check_cluster(run, cfg.scaling)
-    return Start(rd, init_dir, args, tok, tok_dir, val_rows, tr, va, store)
+    return Start(rd, init_dir, args, tok, tok_dir, val_rows, tr, va, max_len, store)
 
 
 def train_finetune(cfg: FinetuneConfig, st: Start, make: type[FinetuneObjective], **objective: Any) -> dict[str, Any]:
@@ -268,11 +277,11 @@ def train_finetune(cfg: FinetuneConfig, st: Start, make: type[FinetuneObjective]
     lora = cfg.lora.config() if cfg.lora.enabled else None
     obj = make(st.init_dir, lora, adapter_meta=adapter_meta(lora, st.init_dir),
                adapter_dir=str(st.rd / "adapter") if lora and cfg.lora.save_adapter else None, **objective)
-    pad = st.tok.pad_id or 0
+    pad, pack_len = st.tok.pad_id or 0, st.max_len if cfg.data.pack else 0
     spec = LoopSpec(
         model_args=st.args, train=cfg.train, objective=obj,
-        make_train_source=partial(make.rows, data / "train.parquet", pad),
-        make_val_source=partial(make.rows, data / "val.parquet", pad) if st.val.rows else None,
+        make_train_source=partial(make.rows, data / "train.parquet", pad, pack_len),
+        make_val_source=partial(make.rows, data / "val.parquet", pad, pack_len) if st.val.rows else None,
         metrics_dir=str(st.rd / "metrics"),
         ckpt_every=cfg.run.ckpt_every, eval_every=cfg.run.eval_every, tokenizer_dir=st.tok_dir,
         export_dir=str(st.rd / "hf") if cfg.run.export else None,

@@ -27,7 +27,11 @@ lands there and a rerun anywhere resumes from it); ``init``, ``tokenizer`` and t
 Training runs training/loop.run_worker, the loop pretraining uses, with ``SftObjective``
 (training/objectives/sft.py): it starts from ``init`` and adds LoRA before sharding, adds the task metric to validation
 and exports merged weights plus the adapter. What SFT shares with DPO on the driver is jobs/finetune.py.
-Leaves out: sequence packing (rows are right-padded per micro-batch), loading ``init`` straight into shards (each
+Packing: ``--set data.pack=true`` packs several chats into each row of up to ``data.max_len`` tokens (document
+mask, positions restarting per chat; see jobs/finetune.SftData.pack); by default rows are one chat each,
+right-padded per micro-batch. ``real_token_share`` / ``real_tokens_per_s`` in metrics.csv show the padding.
+Leaves out: a GPU attention kernel for packed rows (flex_attention / varlen; packed rows use SDPA with a boolean
+mask, which on GPU falls back from the flash kernel), loading ``init`` straight into shards (each
 worker reads the full HF weights, fine up to a few B parameters), ``init``/data straight from a bucket.
 """
 

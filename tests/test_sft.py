@@ -142,6 +142,30 @@ def test_init_from_a_training_checkpoint_converts_it(trained, task, tmp_path):
         torch.testing.assert_close(got.state_dict()[k], v, rtol=0, atol=0)
 
 
+def test_packed_sft_runs_on_ray_with_fewer_padded_tokens(task, tmp_path):
+    """``llamaray sft --set data.pack=true``: 2 steps of 16 packed rows (up to 256 tokens, ~5 chats each) on the
+    2 workers; every step's share of real tokens is above that of the same chats right-padded 8 to a micro-batch
+    (0.96 vs 0.89 over the whole file)."""
+    import numpy as np
+
+    from training.metrics import read_csv
+    from training.sft_data import SftRows
+
+    args = overrides(task, tmp_path, "packed", **{"data.pack": True, "train.max_steps": 2, "train.warmup_steps": 1,
+                                                   "run.eval_every": 0, "train.eval_sequences": 8,
+                                                   "eval.metric": "none", "run.export": False})
+    assert main(["--config", "sft-tiny", *(f"--set={a}" for a in args)]) == 0
+    run = tmp_path / "packed"
+    rows = read_csv(run / "metrics" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2] and rows[-1]["val_loss"]
+    padded = [SftRows(run / "data" / "train.parquet").batch(np.arange(i, i + 8), torch.device("cpu"))
+              for i in range(0, 160, 8)]  # the ≈ 160 chats the 2 packed steps hold
+    padded_share = sum(int((b["doc"] >= 0).sum()) for b in padded) / sum(b["tokens"].numel() for b in padded)
+    worst_packed = min(float(r["real_token_share"]) for r in rows)
+    assert worst_packed > 0.93 > padded_share, (worst_packed, padded_share)
+    assert all(float(r["real_tokens_per_s"]) > 0 for r in rows)
+
+
 @pytest.fixture(scope="module")
 def lora_run(trained, task, tmp_path_factory):
     """LoRA on top of the full-SFT export (init = an HF directory), 20 steps; the last worker SIGKILLs itself before

@@ -179,6 +179,9 @@ class Objective(Protocol):
     def tokens(self, batch: Any) -> int:
         """Tokens the model runs on in this micro-batch (tokens/s, MFU)."""
 
+    def real_tokens(self, batch: Any) -> int:
+        """The non-padding tokens among them (real_tokens_per_s, real_token_share)."""
+
     def seq_len(self, batch: Any) -> int:
         """Positions per row of this micro-batch: the T of MFU's attention FLOPs (ModelArgs.flops_per_token)."""
 
@@ -317,11 +320,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, source: TrainSource
         g["lr"] = lr
     t0 = time.perf_counter()
     sums: dict[str, Tensor] = {}
-    tokens = flops = 0.0
+    tokens = real = flops = 0.0
     for a in range(accum):
         batch = source.micro_batch(consumed, a, device)
         n = obj.tokens(batch)
         tokens, flops = tokens + n, flops + n * w.spec.model_args.flops_per_token(obj.seq_len(batch))
+        real += obj.real_tokens(batch)
         loss, stats = obj.loss(model, batch)
         (loss / accum).backward()
         _add(sums, {"loss": loss, **stats}, 1 / accum)
@@ -330,11 +334,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, source: TrainSource
     gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
     opt.step()
     opt.zero_grad(set_to_none=True)
-    work = torch.tensor([tokens, flops], dtype=torch.float64, device=device)
-    means = _rank_mean({**sums, "tokens": work[0], "flops": work[1]}, world)
+    work = torch.tensor([tokens, real, flops], dtype=torch.float64, device=device)
+    means = _rank_mean({**sums, "tokens": work[0], "real_tokens": work[1], "flops": work[2]}, world)
     dt = time.perf_counter() - t0  # after _rank_mean: the step has finished
+    share = means.pop("real_tokens") / means["tokens"]
     tps, flops_per_s = means.pop("tokens") * world / dt, means.pop("flops") * world / dt
     return {"step": step, "loss": means.pop("loss"), "lr": lr, "grad_norm": float(gn), "tokens_per_s": tps,
+            "real_tokens_per_s": tps * share, "real_token_share": share,
             "mfu": flops_per_s / (peak * world) if peak else None, "peak_mem_gb": _peak_mem_gb(device),
             "consumed": consumed + cfg.batch_size, "world_size": world,
             "trainable_params": sum(p.numel() for p in trained), **means}

@@ -119,6 +119,8 @@ def write_report(metrics_dir: str | Path, *, extra: dict[str, Any] | None = None
     vsteps, vloss = _floats(rows, "val_loss")
     _, tps = _floats(rows, "tokens_per_s")
     _, mfu = _floats(rows, "mfu")
+    _, real_tps = _floats(rows, "real_tokens_per_s")
+    _, share = _floats(rows, "real_token_share")
     with png(d / "loss.png", size=(7, 4)) as ax:
         ax.plot(steps, loss, label="train loss")
         if vloss:
@@ -134,7 +136,8 @@ def write_report(metrics_dir: str | Path, *, extra: dict[str, Any] | None = None
               "first_loss": loss[0] if loss else None, "final_loss": loss[-1] if loss else None,
               "final_val_loss": vloss[-1] if vloss else None,
               "final_val_ppl": math.exp(vloss[-1]) if vloss else None,
-              "median_tokens_per_s": median(tps), "median_mfu": median(mfu), **(extra or {})}
+              "median_tokens_per_s": median(tps), "median_mfu": median(mfu),
+              "median_real_tokens_per_s": median(real_tps), "median_real_token_share": median(share), **(extra or {})}
     (d / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["# Training report", "", "![loss](loss.png)", ""] + [f"- {k}: {v}" for k, v in report.items()]
     (d / "report.md").write_text("\n".join(lines) + "\n")

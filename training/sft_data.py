@@ -18,6 +18,10 @@ usable row at all is a configuration error raised before any worker starts.
 
 Labels: ``labels[t] = ids[t + 1]`` where token t + 1 belongs to an assistant turn (its content and the template's
 end-of-turn marker), else -100; the model reads ``ids[:-1]``. For DPO only the final answer is labelled.
+
+Batches (``collate``): one rendered chat (DPO: one chosen and one rejected sequence) per right-padded row, or with
+packing (``pack_groups``; the config's ``data.pack``) several per row, told apart by per-token segment ids ``doc``
+and positions restarting at 0; the rendered files are the same either way.
 """
 
 from __future__ import annotations
@@ -254,47 +258,117 @@ def pad_right(seqs: list[list[int]], value: int) -> Tensor:
     return out
 
 
-class SftRows:
-    """RowSource over a rendered SFT Parquet file: batch → {"tokens": (B, T), "labels": (B, T)} right-padded
-    (pads carry label -100, and causal attention keeps them from touching real positions)."""
+def pack_groups(sizes: list[tuple[int, ...]], max_len: int, window: int = 64) -> list[list[int]]:
+    """Greedy first-fit packing of rows into bins of ``max_len`` tokens per lane → each bin's row indices, in order.
 
-    def __init__(self, path: str | Path, pad_id: int = 0) -> None:
+    ``sizes[i]`` holds row i's length in each lane: ``(len,)`` for SFT, ``(chosen, rejected)`` for DPO, whose
+    chosen and rejected sequences go to two rows packed in step. A row goes into the first of the last ``window``
+    bins where every lane has room, else opens a bin. First-fit rather than next-fit: it fills the gaps next-fit
+    leaves (measured on tests/sft_task.py in docs/INTERFACES.md); the window keeps it O(rows · window) and the data
+    order nearly as given (a row moves at most ``window`` bins earlier); no sorting, so long and short rows stay mixed
+    as they come. Every size must be ≤ max_len (rendering drops longer rows as ``too_long``)."""
+    bins: list[list[int]] = []
+    room: list[list[int]] = []
+    for i, size in enumerate(sizes):
+        if max(size) > max_len:
+            raise ValueError(f"row {i} has {max(size)} tokens > max_len {max_len}")
+        for b in range(max(0, len(bins) - window), len(bins)):
+            if all(n <= r for n, r in zip(size, room[b])):
+                break
+        else:
+            b = len(bins)
+            bins.append([])
+            room.append([max_len] * len(size))
+        bins[b].append(i)
+        room[b] = [r - n for r, n in zip(room[b], size)]
+    return bins
+
+
+Segment = tuple[list[int], list[int]]
+"""One rendered sequence: (inputs, labels) of equal length."""
+
+
+def collate(rows: list[list[Segment]], pad_id: int, packed: bool) -> dict[str, Tensor]:
+    """Batch rows, each the concatenation of its segments (one segment per row when not packed), right-padded:
+    ``tokens`` (B, T), ``labels`` (B, T) (pads: IGNORE), ``doc`` (B, T) the segment each token belongs to, numbered
+    0, 1, … through the batch row by row (pads: -1); packed batches also get ``positions`` (B, T), restarting at 0 at
+    every segment (pads: 0), which the loss pairs with a document mask built from ``doc``."""
+    cat = [[t for seg in row for t in seg[k]] for k in (0, 1) for row in rows]
+    b = len(rows)
+    starts = np.cumsum([0] + [len(row) for row in rows])
+    doc = [[int(starts[r]) + k for k, seg in enumerate(row) for _ in seg[0]] for r, row in enumerate(rows)]
+    out = {"tokens": pad_right(cat[:b], pad_id), "labels": pad_right(cat[b:], IGNORE), "doc": pad_right(doc, -1)}
+    if packed:
+        out["positions"] = pad_right([[p for seg in row for p in range(len(seg[0]))] for row in rows], 0)
+    return out
+
+
+class SftRows:
+    """RowSource over a rendered SFT Parquet file: batch → ``collate``'s dict (tokens, labels, doc (B, T); positions
+    when packed), right-padded (pads carry label -100, and causal attention keeps them from touching real positions).
+
+    ``pack_len`` > 0 packs the file's conversations into rows of at most that many tokens (``pack_groups``) and an
+    index addresses a packed row; 0 = one conversation per row."""
+
+    def __init__(self, path: str | Path, pad_id: int = 0, pack_len: int = 0) -> None:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path)
         self.inputs = t.column("inputs").to_pylist()
         self.labels = t.column("labels").to_pylist()
-        self.num_rows = len(self.inputs)
+        self.packed = pack_len > 0
+        self.groups = pack_groups([(len(x),) for x in self.inputs], pack_len) if self.packed else \
+            [[i] for i in range(len(self.inputs))]
+        self.num_rows = len(self.groups)
         self.pad_id = pad_id
 
     def batch(self, indices: np.ndarray, device: torch.device) -> dict[str, Tensor]:
-        idx = [int(i) % self.num_rows for i in indices]
-        return {"tokens": pad_right([self.inputs[i] for i in idx], self.pad_id).to(device),
-                "labels": pad_right([self.labels[i] for i in idx], IGNORE).to(device)}
+        groups = [self.groups[int(i) % self.num_rows] for i in indices]
+        rows = [[(self.inputs[j], self.labels[j]) for j in g] for g in groups]
+        return {k: v.to(device) for k, v in collate(rows, self.pad_id, self.packed).items()}
+
+
+def collate_pairs(pairs: list[tuple[list[int], ...]], groups: list[list[int]], pad_id: int,
+                  packed: bool) -> dict[str, Tensor]:
+    """``collate`` of rendered pairs (c_inputs, c_labels, r_inputs, r_labels): row i of the first half holds the
+    chosen sequences of ``groups[i]``, row i of the second half their rejected ones, in the same order."""
+    rows = [[(pairs[j][2 * side], pairs[j][2 * side + 1]) for j in g] for side in (0, 1) for g in groups]
+    return collate(rows, pad_id, packed)
 
 
 class PairRows:
     """RowSource over a rendered preference Parquet file: batch → chosen rows then rejected rows stacked
-    ({"tokens": (2B, T), "labels": (2B, T), "ref": (2B,) reference sequence log-probs})."""
+    (``collate_pairs``' dict with (2B, T) tensors, plus "ref" (2P,) the reference sequence log-probs of the batch's
+    P chosen segments then its P rejected segments, in ``doc`` order).
 
-    def __init__(self, path: str | Path, pad_id: int = 0) -> None:
+    ``pack_len`` > 0 packs pairs: packed row i of the chosen half holds the chosen answers of the same pairs, in the
+    same order, as row i of the rejected half, each half at most ``pack_len`` tokens, so chosen segment k and
+    rejected segment P + k are one pair; 0 = one pair per row (P = B)."""
+
+    def __init__(self, path: str | Path, pad_id: int = 0, pack_len: int = 0) -> None:
         import pyarrow.parquet as pq
 
         t = pq.read_table(path)
-        self.cols = {c: t.column(c).to_pylist() for c in ("c_inputs", "c_labels", "r_inputs", "r_labels")}
+        self.pairs = list(zip(*(t.column(c).to_pylist() for c in ("c_inputs", "c_labels", "r_inputs", "r_labels"))))
         self.ref = (np.asarray(t.column("ref_chosen").to_pylist()), np.asarray(t.column("ref_rejected").to_pylist())) \
             if "ref_chosen" in t.column_names else None
-        self.num_rows = len(self.cols["c_inputs"])
+        self.packed = pack_len > 0
+        self.groups = pair_groups(self.pairs, pack_len)
+        self.num_rows = len(self.groups)
         self.pad_id = pad_id
 
     def batch(self, indices: np.ndarray, device: torch.device) -> dict[str, Tensor]:
-        idx = [int(i) % self.num_rows for i in indices]
-        c = self.cols
-        out = {"tokens": pad_right([c["c_inputs"][i] for i in idx] + [c["r_inputs"][i] for i in idx],
-                                   self.pad_id).to(device),
-               "labels": pad_right([c["c_labels"][i] for i in idx] + [c["r_labels"][i] for i in idx],
-                                   IGNORE).to(device)}
+        groups = [self.groups[int(i) % self.num_rows] for i in indices]
+        out = {k: v.to(device) for k, v in collate_pairs(self.pairs, groups, self.pad_id, self.packed).items()}
         if self.ref is not None:
-            out["ref"] = torch.tensor(np.concatenate([self.ref[0][idx], self.ref[1][idx]]), dtype=torch.float32,
+            pairs = [j for g in groups for j in g]
+            out["ref"] = torch.tensor(np.concatenate([self.ref[0][pairs], self.ref[1][pairs]]), dtype=torch.float32,
                                       device=device)
         return out
+
+
+def pair_groups(pairs: list[tuple[list[int], ...]], pack_len: int) -> list[list[int]]:
+    """Pairs per row: ``pack_groups`` over (chosen, rejected) lengths when ``pack_len`` > 0, else one each."""
+    if pack_len > 0:
+        return pack_groups([(len(p[0]), len(p[2])) for p in pairs], pack_len)
+    return [[i] for i in range(len(pairs))]

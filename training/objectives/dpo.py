@@ -10,21 +10,24 @@ import torch
 from torch import Tensor, nn
 
 from training.objectives.finetune import FinetuneObjective, answer_logprobs
-from training.sft_data import PairRows, pad_right
+from training.sft_data import PairRows, collate_pairs, pair_groups
 
 
 def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
                    nll_weight: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """Sigmoid DPO on a batch of B chosen rows followed by B rejected rows with precomputed reference log-probs,
-    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2)."""
+    plus ``nll_weight`` × the chosen answers' mean per-token negative log-likelihood (Llama 3's DPO: 0.2).
+    Per pair, not per row: the policy's log-probs are summed per segment of ``doc`` (P chosen then P rejected
+    segments; P = B unless the rows are packed) and lined up with ``ref`` (2P,) in the same order."""
     from model.losses import IGNORE, dpo_loss
 
     labels = batch["labels"]
-    logp = answer_logprobs(model, batch["tokens"], labels)  # (2B,)
+    logp = answer_logprobs(model, batch["tokens"], labels, batch.get("doc"), batch.get("positions"))  # (2P,)
     ref = batch["ref"]
-    b = logp.shape[0] // 2
+    b = logp.shape[0] // 2  # P pairs
     s = dpo_loss(logp[:b], logp[b:], ref[:b], ref[b:], beta)
-    chosen_nll = -logp[:b].sum() / (labels[:b] != IGNORE).sum().clamp_min(1)
+    chosen_rows = labels[:labels.shape[0] // 2]
+    chosen_nll = -logp[:b].sum() / (chosen_rows != IGNORE).sum().clamp_min(1)
     loss = s.loss + nll_weight * chosen_nll if nll_weight else s.loss
     pc, pr = logp[:b].detach(), logp[b:].detach()
     return loss, {"dpo_loss": s.loss.detach(), "chosen_nll": chosen_nll.detach(), "reward_margin": s.reward_margin,
@@ -35,7 +38,7 @@ def dpo_batch_loss(model: nn.Module, batch: dict[str, Tensor], beta: float,
 @dataclass
 class DpoObjective(FinetuneObjective):
     """DPO: ``dpo_batch_loss`` on PairRows (B chosen rows followed by their B rejected rows, with reference
-    log-probs); DPO statistics (reward margin/accuracy, log-probs) next to the loss."""
+    log-probs; packed or one pair per row); DPO statistics (reward margin/accuracy, log-probs) next to the loss."""
 
     name: ClassVar[str] = "dpo"
     rows: ClassVar[type] = PairRows
@@ -55,17 +58,17 @@ class DpoObjective(FinetuneObjective):
 
 
 @torch.no_grad()
-def reference_logprobs(model: torch.nn.Module, rows: list[tuple[list[int], ...]], pad_id: int,
-                       batch_size: int = 16) -> tuple[list[float], list[float]]:
-    """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference)."""
-    from model.losses import IGNORE
-
+def reference_logprobs(model: torch.nn.Module, pairs: list[tuple[list[int], ...]], pad_id: int,
+                       batch_size: int = 16, pack_len: int = 0) -> tuple[list[float], list[float]]:
+    """Sequence log-probs of the chosen and rejected answers under ``model`` (the frozen reference), in pair order;
+    ``pack_len`` > 0 scores them in packed rows (PairRows' packing: the same figures, less padding)."""
     model.eval()
-    out: list[list[float]] = [[], []]
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        for side, (ci, cl) in enumerate(((0, 1), (2, 3))):
-            tokens = pad_right([r[ci] for r in chunk], pad_id)
-            labels = pad_right([r[cl] for r in chunk], IGNORE)
-            out[side] += answer_logprobs(model, tokens, labels).tolist()
-    return out[0], out[1]
+    groups = pair_groups(pairs, pack_len)
+    out = torch.zeros(2, len(pairs), dtype=torch.float64)
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start:start + batch_size]
+        b = collate_pairs(pairs, chunk, pad_id, pack_len > 0)
+        logp = answer_logprobs(model, b["tokens"], b["labels"], b["doc"], b.get("positions"))  # (2P,)
+        order = torch.tensor([j for g in chunk for j in g])
+        out[:, order] = logp.double().view(2, -1).cpu()
+    return out[0].tolist(), out[1].tolist()

@@ -17,25 +17,41 @@ from model.lora import LoraConfig
 from training.loop import TrainConfig, Worker
 
 
-def answer_token_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+def document_mask(doc: Tensor) -> Tensor:
+    """Causal attention restricted to each token's own segment: ``doc`` (B, T) segment ids → (B, 1, T, T) bool,
+    True where query t may attend to key s (s ≤ t and doc[t] == doc[s]); the block-diagonal mask of packed rows."""
+    t = torch.arange(doc.shape[1], device=doc.device)
+    causal = t[:, None] >= t[None, :]  # (T, T)
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+
+
+def answer_token_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor, doc: Tensor | None = None,
+                          positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(log p(label) at each labelled position (N,), the (B, T) mask of those positions).
 
+    Packed rows (training/sft_data.collate) pass ``doc`` and ``positions``: each segment then attends only to itself
+    (``document_mask``) with positions restarting at 0, as if it were alone in its row. Without ``positions``
+    attention is plain causal.
     The output head runs on the labelled (assistant) positions only: prompt and padding positions never get logits
     (with a 128k vocabulary the head is most of an SFT or DPO step, and full (B, T, V) float32 logits are gigabytes).
     Like ``fused_lm_loss`` it relies on the FSDP root staying unsharded after ``hidden_states`` (training/parallel.py)."""
     from model.losses import IGNORE
 
     keep = labels != IGNORE
-    h = model.hidden_states(tokens)[keep]  # (N, dim), N = labelled tokens in the micro-batch
+    mask = None if positions is None else document_mask(doc)
+    h = model.hidden_states(tokens, positions, mask=mask)[keep]  # (N, dim), N = labelled tokens in the micro-batch
     return -F.cross_entropy(model.output(h).float(), labels[keep], reduction="none"), keep
 
 
-def answer_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor) -> Tensor:
-    """Sum of log p(label) over each row's labelled positions → (B,); equal to
-    ``sequence_logprobs(model(tokens), labels)`` without the full logits."""
-    token_logp, keep = answer_token_logprobs(model, tokens, labels)
-    rows = keep.nonzero()[:, 0]
-    return torch.zeros(len(labels), dtype=token_logp.dtype, device=token_logp.device).index_add(0, rows, token_logp)
+def answer_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor, doc: Tensor | None = None,
+                    positions: Tensor | None = None) -> Tensor:
+    """Sum of log p(label) over each segment's labelled positions → (S,) for segments 0 … S-1 of ``doc`` (without
+    ``doc``: one segment per row, (B,)); equal to ``sequence_logprobs(model(tokens), labels)`` row by row without
+    the full logits."""
+    token_logp, keep = answer_token_logprobs(model, tokens, labels, doc, positions)
+    seg = keep.nonzero()[:, 0] if doc is None else doc[keep]  # the segment of each labelled token
+    n = len(labels) if doc is None else int(doc.max()) + 1
+    return torch.zeros(n, dtype=token_logp.dtype, device=token_logp.device).index_add(0, seg, token_logp)
 
 
 @dataclass
@@ -82,6 +98,9 @@ class FinetuneObjective:
 
     def tokens(self, batch: dict[str, Tensor]) -> int:
         return batch["tokens"].numel()
+
+    def real_tokens(self, batch: dict[str, Tensor]) -> int:
+        return int((batch["doc"] >= 0).sum())  # every position but the padding
 
     def seq_len(self, batch: dict[str, Tensor]) -> int:
         return batch["tokens"].shape[1]  # the micro-batch's padded length, not data.max_len

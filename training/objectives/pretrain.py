@@ -65,6 +65,9 @@ class PretrainObjective:
     def tokens(self, batch: Tensor) -> int:
         return batch[:, 1:].numel()
 
+    def real_tokens(self, batch: Tensor) -> int:
+        return self.tokens(batch)  # packed token rows: no padding
+
     def seq_len(self, batch: Tensor) -> int:
         return batch.shape[1] - 1
 

@@ -14,13 +14,14 @@ from training.sft_data import SftRows
 def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean cross-entropy over the assistant tokens of the micro-batch; equal to
     ``next_token_loss(model(tokens), labels)`` without the full logits."""
-    token_logp, _ = answer_token_logprobs(model, batch["tokens"], batch["labels"])
+    token_logp, _ = answer_token_logprobs(model, batch["tokens"], batch["labels"], batch.get("doc"),
+                                          batch.get("positions"))
     return -token_logp.mean(), {}
 
 
 @dataclass
 class SftObjective(FinetuneObjective):
-    """SFT: ``sft_loss`` on SftRows ({inputs, labels} parquet rows)."""
+    """SFT: ``sft_loss`` on SftRows ({inputs, labels} parquet rows, packed or one conversation per row)."""
 
     name: ClassVar[str] = "sft"
     rows: ClassVar[type] = SftRows
