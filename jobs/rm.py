@@ -14,8 +14,8 @@ The held-out split is ``data.val`` or ``data.val_fraction`` of ``data.train``.
 
 Model: ``model.reward.RewardModel.from_policy(init)`` — the policy's trunk plus a scalar head (zero at the start, so
 every reward starts at 0 and the step-0 pair accuracy is 0: ties count as wrong). The reward of a chat is read at the
-last token before the answer's end-of-turn marker, the same token the ``reward_model`` scorer reads
-(training/objectives/reward.row_lengths). Loss: −log σ(r_chosen − r_rejected) (InstructGPT, Llama 2), every weight
+last input token of its rendered row (the chat with the answer, without its final token), the same token the
+``reward_model`` scorer reads (training/objectives/reward.row_lengths, model/reward.reward_tokens). Loss: −log σ(r_chosen − r_rejected) (InstructGPT, Llama 2), every weight
 trained (``lora.enabled`` is refused); ``train.batch_size`` counts pairs.
 Metrics (train rows and, every ``run.eval_every`` steps, the held-out split → ``<run>/metrics/eval.jsonl``):
 pair_accuracy (share of pairs with r_chosen > r_rejected), reward_margin, chosen_reward, rejected_reward; the last

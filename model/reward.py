@@ -50,6 +50,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return out, lengths
 
 
+def reward_tokens(tokenizer, messages: list[dict[str, str]], answer: str) -> list[int]:
+    """The ids a reward model reads for ``answer`` after the chat ``messages``: the chat rendered with the answer as
+    the assistant's turn (``render_chat``), without its last token — the row the trainer reads (the inputs of
+    training/sft_data.render_answer), so the reward is read at the token the ``rm`` job trained it on."""
+    ids, _ = tokenizer.render_chat(list(messages) + [{"role": "assistant", "content": answer}])
+    return ids[:-1]
+
+
 @torch.inference_mode()
 def mean_logprob(model: Transformer, prompt: list[int], answer: list[int]) -> float:
     """The policy's length-normalised log-likelihood of ``answer`` after ``prompt`` (nats per token)."""

@@ -22,8 +22,8 @@ def row_lengths(labels: Tensor) -> Tensor:
     """(B, T) labels → (B,) lengths up to and including each row's last labelled position.
 
     A rendered row ends with its answer (training/sft_data.render_answer), so this is the row's real length without
-    the right padding: the reward is read at the input token that precedes the answer's end-of-turn marker — for the
-    SentencePiece template exactly the last token of ``prompt + encode(answer)``, the sequence the scorer reads."""
+    the right padding, and the reward is read at the row's last input token (the rendered chat without its final
+    token) — the same token the ``reward_model`` scorer reads (model.reward.reward_tokens)."""
     from model.losses import IGNORE
 
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
