@@ -33,7 +33,8 @@ class RewardModel(nn.Module):
         """tokens (B, T) right-padded, lengths (B,) → rewards (B,), read at each row's last real token."""
         h = self.trunk.hidden_states(tokens)  # (B, T, dim)
         last = h[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (B, dim)
-        return self.head(last.float()).squeeze(-1)
+        # = head(last).squeeze(-1), computed so the result is not a view (FSDP2 warns about a root returning one)
+        return last.float() @ self.head.weight[0] + self.head.bias[0]
 
 
 def pairwise_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
