@@ -83,7 +83,7 @@ class ModelScorer:
         torch.set_grad_enabled(False)
 
     def score(self, items: list[tuple[list[dict], list[str]]]) -> list[list[Verdict]]:
-        from model.reward import mean_logprob, pad_batch
+        from model.reward import mean_logprob, pad_batch, reward_tokens
 
         out = []
         for messages, answers in items:
@@ -92,7 +92,7 @@ class ModelScorer:
             if self.cfg.kind == "logprob":
                 scores = [mean_logprob(self.model, prompt, self.tokenizer.encode(a)) for a in answers]
             else:
-                tokens, lengths = pad_batch([prompt + self.tokenizer.encode(a) for a in answers],
+                tokens, lengths = pad_batch([reward_tokens(self.tokenizer, messages, a) for a in answers],
                                             self.tokenizer.pad_id)
                 scores = self.model(tokens, lengths).tolist()
             out.append([Verdict(float(s), True, "scored", self.cfg.kind) for s in scores])

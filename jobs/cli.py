@@ -14,6 +14,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "pretrain": ("jobs.pretrain", "pretrain with FSDP2 on Ray Train (checkpoints, resume, metrics, HF export)"),
     "sft": ("jobs.sft", "supervised fine-tuning, full or LoRA, on the FSDP2 trainer (task metric, HF/adapter export)"),
     "dpo": ("jobs.dpo", "direct preference optimisation, full or LoRA, against the starting weights as reference"),
+    "rm": ("jobs.rm", "train a Bradley-Terry reward model on preference pairs (export for the reward_model scorer)"),
     "serve": ("jobs.serve", "serve an HF checkpoint over an OpenAI-compatible HTTP API (Ray Serve)"),
     "promote": ("jobs.promote", "roll a new checkpoint into the running Serve application, dropping no request"),
     "clean": ("jobs.clean", "clean, dedup, tokenize and pack a corpus (Ray Data)"),

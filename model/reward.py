@@ -33,7 +33,8 @@ class RewardModel(nn.Module):
         """tokens (B, T) right-padded, lengths (B,) → rewards (B,), read at each row's last real token."""
         h = self.trunk.hidden_states(tokens)  # (B, T, dim)
         last = h[torch.arange(tokens.shape[0], device=tokens.device), lengths - 1]  # (B, dim)
-        return self.head(last.float()).squeeze(-1)
+        # = head(last).squeeze(-1), computed so the result is not a view (FSDP2 warns about a root returning one)
+        return last.float() @ self.head.weight[0] + self.head.bias[0]
 
 
 def pairwise_loss(chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
@@ -48,6 +49,14 @@ def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     for i, s in enumerate(seqs):
         out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out, lengths
+
+
+def reward_tokens(tokenizer, messages: list[dict[str, str]], answer: str) -> list[int]:
+    """The ids a reward model reads for ``answer`` after the chat ``messages``: the chat rendered with the answer as
+    the assistant's turn (``render_chat``), without its last token — the row the trainer reads (the inputs of
+    training/sft_data.render_answer), so the reward is read at the token the ``rm`` job trained it on."""
+    ids, _ = tokenizer.render_chat(list(messages) + [{"role": "assistant", "content": answer}])
+    return ids[:-1]
 
 
 @torch.inference_mode()

@@ -103,6 +103,7 @@ PRESET_JOBS = {  # preset → (its job's config class, the overrides its header 
     "sft-tiny": ("jobs.sft:SftConfig", ["init=runs/pretrain-tiny/hf"]),
     "sft-smollm2": ("jobs.sft:SftConfig", ["init=SmolLM2-135M-Instruct.Q4_1.gguf"]),
     "dpo-tiny": ("jobs.dpo:DpoConfig", ["init=runs/sft-tiny/hf"]),
+    "rm-tiny": ("jobs.rm:RmConfig", ["init=runs/sft-tiny/hf"]),
     "rs-tiny": ("jobs.rejection_sampling:RSConfig", ["model={hf}"]),
     "rs-rounds-tiny": ("jobs.rs_rounds:RoundsConfig", ["policy={hf}", "prompts=p.jsonl", "heldout=h.jsonl"]),
     "pipeline-tiny": ("jobs.pipeline:PipelineConfig", []), "serve-tiny": ("jobs.serve:ServeJobConfig", []),

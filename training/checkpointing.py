@@ -60,21 +60,27 @@ def read_train_state(ckpt_dir: str | Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
 
 
+def gather_full_state(model: nn.Module, *, rank: int) -> dict[str, torch.Tensor] | None:
+    """Collective: the sharded model's full state dict as fp32 CPU tensors on rank 0 (None on the others)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.float() for k, v in full.items()} if rank == 0 else None
+
+
 def gather_full_model(model: nn.Module, args: Any, *, rank: int, lora: Any = None) -> nn.Module | None:
     """Collective: the full fp32 weights as a plain CPU ``Transformer`` on rank 0 (None on the others); with ``lora``
     (a model.lora.LoraConfig) the adapters are added first, as in the trained model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     from model.llama import build_model
     from model.lora import add_lora
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
+    full = gather_full_state(model, rank=rank)
+    if full is None:
         return None
     plain = build_model(args, device="cpu", seed=None)
     if lora is not None:
         add_lora(plain, lora)
-    plain.load_state_dict({k: v.float() for k, v in full.items()}, strict=True)
+    plain.load_state_dict(full, strict=True)
     return plain
 
 

@@ -50,9 +50,16 @@ def _selective_context():
     return create_selective_checkpoint_contexts(policy)
 
 
+def language_model(model: nn.Module) -> nn.Module:
+    """The model.llama.Transformer inside ``model``: the model itself, or the ``trunk`` of a model that wraps one
+    (model.reward.RewardModel: trunk + scalar head)."""
+    return getattr(model, "trunk", model)
+
+
 def checkpoint_blocks(model: nn.Module, mode: str) -> nn.Module:
-    """Wrap each of ``model.layers`` for activation checkpointing ``mode`` (AC_MODES) in place; returns the model.
-    Gradients are those of the unwrapped model: only what backward keeps vs recomputes changes."""
+    """Wrap each block of ``model``'s language model (``layers``, or ``trunk.layers``) for activation checkpointing
+    ``mode`` (AC_MODES) in place; returns the model. Gradients are those of the unwrapped model: only what backward
+    keeps vs recomputes changes."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r} is not one of {AC_MODES}")
     if mode == "none":
@@ -60,14 +67,17 @@ def checkpoint_blocks(model: nn.Module, mode: str) -> nn.Module:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     extra = {"context_fn": _selective_context} if mode == "selective" else {}
-    for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
+    layers = language_model(model).layers
+    for i, block in enumerate(layers):
+        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
     return model  # DCP's get_state_dict strips the wrapper prefix from parameter names
 
 
 def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool = False,
                activation_checkpointing: str = "none", reshard_last_block: bool = False) -> nn.Module:
-    """Shard ``model`` (a model.llama.Transformer) in place over ``mesh`` (default: the whole world) and return it.
+    """Shard ``model`` (a model.llama.Transformer, or a model wrapping one as ``trunk`` such as
+    model.reward.RewardModel) in place over ``mesh`` (default: the whole world) and return it: one FSDP unit per
+    transformer block, and the root for the rest (embedding, final norm, output head, a reward model's scalar head).
 
     ``activation_checkpointing`` is one of AC_MODES. ``reshard_last_block=False`` keeps the last block's parameters
     gathered after forward, since backward needs them at once (saves one all-gather per step; torchtitan does the
@@ -78,8 +88,8 @@ def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool =
     mp = mixed_precision_policy(device_type)
     if compile:  # identical blocks share one graph; leave room in case guards still tell them apart
         import torch._dynamo
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(model.layers))
-    layers = checkpoint_blocks(model, activation_checkpointing).layers
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 + len(language_model(model).layers))
+    layers = language_model(checkpoint_blocks(model, activation_checkpointing)).layers
     for i, block in enumerate(layers):
         if compile:
             # Compile the block's forward only: FSDP2's pre/post-forward hooks stay eager, names stay unchanged.
@@ -87,9 +97,11 @@ def apply_fsdp(model: nn.Module, *, device_type: str, mesh=None, compile: bool =
         last = i == len(layers) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=not (last and not reshard_last_block))
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    # hidden_states() is a second entry point (the fused loss computes the head itself): give it FSDP's hooks.
-    from torch.distributed.fsdp import register_fsdp_forward_method
-    register_fsdp_forward_method(model, "hidden_states")
+    # hidden_states() is a second entry point (the fused loss computes the head itself): give it FSDP's hooks. A
+    # reward model has only forward(), which calls its trunk's hidden_states() inside the root's hooks.
+    if hasattr(model, "hidden_states"):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+        register_fsdp_forward_method(model, "hidden_states")
     return model
 
 
