@@ -4,7 +4,15 @@ Jobs called in-process (pretrain, sft, dpo, rs-rounds) connect to Ray and, like 
 later module that starts its own local Ray (with other resources, or Serve) must not inherit that one.
 """
 
+import os
+
 import pytest
+
+# Ray Train's controller polls its workers every 2 s by default, so it notices a finished, failed or reporting worker
+# group up to 2 s late, in each of the suite's ~20 training runs; a missed poll only counts as a hang after 10 min
+# (RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S), so polling faster changes no outcome. Set before any Ray starts, so the
+# nodes of tests/raycluster.py and the jobs run in subprocesses inherit it too.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _shutdown_ray() -> None:
