@@ -10,7 +10,8 @@ current policy → SFT (jobs/sft.py) from the current policy on the accepted row
 export is pushed into the same rollout actors → held-out accuracy (greedy, n=1, through the actors, numeric verifier).
 ``out``/rounds.json and rounds.png record accuracy per round. A rerun with the same ``out`` resumes: finished rounds
 are read back from rounds.json, an interrupted RS pass resumes exactly once, an interrupted SFT run resumes from
-its checkpoint. Leaves out: DPO inside the loop (run jobs/dpo.py on a round's dpo.jsonl).
+its checkpoint; a rerun of a finished job starts no rollout actors. Leaves out: DPO inside the loop (run
+jobs/dpo.py on a round's dpo.jsonl).
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def run(cfg: RoundsConfig) -> dict:
     state = json.loads(state_file.read_text()) if state_file.exists() else {"policy": cfg.policy, "rounds": []}
     done = state["rounds"]
     policy = done[-1]["policy"] if done else cfg.policy
+    if len(done) >= cfg.rounds:  # a rerun of a finished job: nothing to sample, so no rollout engine is started
+        plot(out, state)
+        return state
     pool = make_pool(cfg.rs_config(policy, len(done) + 1))
     try:
         if not done:

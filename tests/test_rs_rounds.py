@@ -46,6 +46,7 @@ def test_one_round_of_rs_and_sft_beats_sft_only(sft_trained, tmp_path, monkeypat
     assert (tmp_path / "rounds" / "rounds.png").stat().st_size > 0
     manifest = json.loads((tmp_path / "rounds" / "round-1" / "rs" / "manifest.json").read_text())
     assert manifest["engine"] == "vllm" and manifest["round"] == 1
-    # Rerunning with the same output directory finds the round finished and does not redo it.
+    # Rerunning with the same output directory finds the round finished and does not redo it (nor starts the vLLM
+    # rollout actors for nothing: that cost this test ~40 s).
     again = run(cfg)
     assert again["rounds"] == state["rounds"]
