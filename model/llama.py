@@ -114,11 +114,14 @@ class ModelArgs:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def block_matmul_params(self) -> int:
+        """Weights of one block's seven projections: wq, wo, wk, wv, w1, w3, w2."""
+        attn = self.dim * self.hd * (self.n_heads * 2 + self.kv_heads * 2)  # wq, wo, wk, wv
+        return attn + 3 * self.dim * self.intermediate_size
+
     def num_params(self, *, embedding: bool = True) -> int:
         """Parameter count (a tied head counted once); ``embedding=False`` leaves out the token embedding."""
-        attn = self.dim * self.hd * (self.n_heads * 2 + self.kv_heads * 2)  # wq, wo, wk, wv
-        mlp = 3 * self.dim * self.intermediate_size
-        block = attn + mlp + 2 * self.dim
+        block = self.block_matmul_params() + 2 * self.dim  # + the two norms
         emb = self.vocab_size * self.dim
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         n = self.n_layers * block + self.dim + head
@@ -128,8 +131,7 @@ class ModelArgs:
         """N of the MFU formula: the weights of every matmul a token goes through — the seven projections of each
         block and the output head, tied to the embedding or not (Megatron-LM's convention; the embedding lookup and
         the norms are no matmuls)."""
-        attn = self.dim * self.hd * (self.n_heads * 2 + self.kv_heads * 2)  # wq, wo, wk, wv
-        return self.n_layers * (attn + 3 * self.dim * self.intermediate_size) + self.vocab_size * self.dim
+        return self.n_layers * self.block_matmul_params() + self.vocab_size * self.dim
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B), N = matmul_params()."""

@@ -9,6 +9,8 @@ bf16 fast path and CPU bf16 matmuls are slow). ``model/`` never imports torch.di
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -39,15 +41,24 @@ _SAVED_OPS = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_sca
 """aten ops whose outputs selective AC keeps (the compute-heavy ones); every other op is recomputed."""
 
 
-def _selective_context():
-    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+@functools.cache
+def _selective_policy():
+    """The op-level policy of selective AC: keep the outputs of _SAVED_OPS, recompute the rest (built once)."""
+    from torch.utils.checkpoint import CheckpointPolicy
 
     saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    return policy
+
+
+def _selective_context():
+    """Called by the checkpoint wrapper at every block forward: fresh contexts around the one policy."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_policy())
 
 
 def language_model(model: nn.Module) -> nn.Module:

@@ -317,8 +317,7 @@ class SftRows:
         self.inputs = t.column("inputs").to_pylist()
         self.labels = t.column("labels").to_pylist()
         self.packed = pack_len > 0
-        self.groups = pack_groups([(len(x),) for x in self.inputs], pack_len) if self.packed else \
-            [[i] for i in range(len(self.inputs))]
+        self.groups = row_groups([(len(x),) for x in self.inputs], pack_len)
         self.num_rows = len(self.groups)
         self.pad_id = pad_id
 
@@ -367,8 +366,11 @@ class PairRows:
         return out
 
 
+def row_groups(sizes: list[tuple[int, ...]], pack_len: int) -> list[list[int]]:
+    """Rendered rows per batch row: ``pack_groups`` over their lane lengths when ``pack_len`` > 0, else one each."""
+    return pack_groups(sizes, pack_len) if pack_len > 0 else [[i] for i in range(len(sizes))]
+
+
 def pair_groups(pairs: list[tuple[list[int], ...]], pack_len: int) -> list[list[int]]:
-    """Pairs per row: ``pack_groups`` over (chosen, rejected) lengths when ``pack_len`` > 0, else one each."""
-    if pack_len > 0:
-        return pack_groups([(len(p[0]), len(p[2])) for p in pairs], pack_len)
-    return [[i] for i in range(len(pairs))]
+    """Pairs per row: ``row_groups`` over (chosen, rejected) lengths."""
+    return row_groups([(len(p[0]), len(p[2])) for p in pairs], pack_len)
