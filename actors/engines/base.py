@@ -3,7 +3,8 @@
 One engine class serves both callers:
 
 * rollouts and jobs call ``start()`` then ``generate(prompts, params)`` — a whole batch of token-id prompts with
-  ``params.n`` samples each (one prefill per prompt) — and ``load_weights(dir)`` between rounds;
+  ``params.n`` samples each (one prefill per prompt) — and ``load_weights(dir)`` between rounds, or
+  ``update_weights(weights, version)`` to take a trainer's weights straight from memory (online RL);
 * the Serve deployment calls ``start(streaming=True)`` then ``stream(prompt_ids, params, request_id)`` (an async
   iterator of ``Delta``) and ``abort(request_id)``.
 
@@ -13,6 +14,12 @@ take token ids (the caller tokenizes and applies the chat template, so every eng
 ``EngineBase`` holds what every engine repeats (model directory, weights hash, context length, refusing the options
 it cannot honour, the load tally); engines subclass it and register themselves by name
 (``actors/engines/registry.py``).
+
+New weights reach a running engine two ways. ``load_weights(dir)`` reads an HF checkpoint directory (the engine may
+rebuild itself; ``model_info().hash`` becomes the files' hash). ``update_weights(weights, version)`` takes the full
+weights as a dict of CPU tensors under HF Llama names (``model.hf.hf_state_dict``: no ``lm_head.weight`` when the
+embeddings are tied), checks every name and shape against the model before touching it (``check_weights``), and
+copies them into the live engine without a restart; ``model_info().hash`` becomes the caller's ``version`` tag.
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from core.config import ConfigError
 from core.files import read_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 class EngineError(RuntimeError):
@@ -212,7 +222,8 @@ class ModelInfo:
     """The served model name (the directory name unless configured)."""
     model_dir: str
     hash: str
-    """First 12 hex digits of sha256 over the ``*.safetensors`` files."""
+    """First 12 hex digits of sha256 over the ``*.safetensors`` files, or, after ``update_weights``, the caller's
+    version tag (e.g. "grpo-step-12")."""
     max_model_len: int
     engine: str
 
@@ -237,6 +248,8 @@ class Engine(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def load_weights(self, model_dir: str) -> None: ...
+
+    def update_weights(self, weights: dict[str, torch.Tensor], version: str) -> None: ...
 
     async def health(self) -> EngineHealth: ...
 
@@ -271,6 +284,43 @@ class EngineBase:
         """Record new weights (engines call this at the end of ``load_weights``)."""
         self.model_dir, self.hash = str(model_dir), model_hash(model_dir)
 
+    def update_weights(self, weights: dict[str, torch.Tensor], version: str) -> None:
+        """Load these full weights (HF Llama names, any float dtype, CPU tensors; ``model.hf.hf_state_dict``'s
+        output) into the running engine in place: once it returns, ``generate()`` samples from them. The engine is
+        not restarted. Bad input (a name the model lacks, a missing name, a wrong shape) raises ``EngineError``
+        naming the tensor before anything is copied. ``version`` becomes ``model_info().hash``."""
+        raise EngineError(f"the {self.name!r} engine cannot take weights in memory; use load_weights(dir) with an "
+                          "HF checkpoint directory")
+
+    def check_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """EngineError naming the first tensor of ``weights`` that does not fit the model of ``model_dir``: a name it
+        does not have (``lm_head.weight`` of a model with tied embeddings too), a missing name, a wrong shape, a
+        tensor that is not floating point."""
+        import torch
+
+        expected = hf_weight_shapes(self.model_dir)
+        for name, t in weights.items():
+            if name not in expected:
+                tied = " (its LM head is tied to model.embed_tokens.weight)" if name == "lm_head.weight" else ""
+                raise EngineError(f"update_weights: tensor {name!r} is not a weight of the model in "
+                                  f"{self.model_dir}{tied}")
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                what = f"dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise EngineError(f"update_weights: tensor {name!r} must be a floating-point tensor, got {what}")
+            if tuple(t.shape) != expected[name]:
+                raise EngineError(f"update_weights: tensor {name!r} has shape {tuple(t.shape)}, expected "
+                                  f"{expected[name]}")
+        missing = [name for name in expected if name not in weights]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise EngineError(f"update_weights: missing tensor {missing[0]!r}{more}")
+
+    def loaded_in_memory(self, version: str) -> None:
+        """Record weights taken from memory (engines call this at the end of ``update_weights``): ``hash`` — and so
+        ``ModelInfo.hash`` and ``EngineHealth.model_hash`` — becomes the caller's version tag, not a file hash;
+        ``model_dir`` stays (the architecture, tokenizer and config still come from it)."""
+        self.hash = str(version)
+
     def load(self) -> EngineLoad:
         """The streams' work as recorded in ``self.tally`` (engines whose ``stream`` does not record it report 0)."""
         return self.tally.load()
@@ -294,6 +344,19 @@ def model_hash(model_dir: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:12]
+
+
+def hf_weight_shapes(model_dir: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Every weight an HF Llama directory's model holds, by HF name, with its shape (from its config.json; the tied
+    LM head left out), as ``model/hf.py`` maps them."""
+    from model.hf import CheckpointError, args_from_hf_config, expected_shapes, to_hf_name
+
+    path = Path(model_dir) / "config.json"
+    try:
+        args = args_from_hf_config(read_json(path, EngineError), str(path))
+    except CheckpointError as e:
+        raise EngineError(str(e)) from e
+    return {to_hf_name(name): shape for name, shape in expected_shapes(args).items()}
 
 
 def checkpoint_context_len(model_dir: str | os.PathLike) -> int:

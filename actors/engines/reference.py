@@ -18,9 +18,13 @@ import secrets
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from actors.engines.base import Candidate, Delta, EngineBase, EngineError, EngineHealth, GenParams
 from actors.engines.registry import register
+
+if TYPE_CHECKING:
+    import torch
 
 
 def reference_device(requested: str | None, *, cuda_available: bool, actor_gpu_ids: list | None) -> str:
@@ -171,6 +175,21 @@ class ReferenceEngine(EngineBase):
         model, _ = load_hf(model_dir, dtype=self.dtype)
         self.model.load_state_dict(model.state_dict())
         self.loaded(model_dir)
+
+    def update_weights(self, weights: dict[str, torch.Tensor], version: str) -> None:
+        """Copy the weights (HF names, checked first) into the live model's tensors, cast to this engine's dtype and
+        device. A tied LM head needs nothing: ``output.weight`` is the embedding tensor itself. Streams wait."""
+        import torch
+
+        from model.hf import to_hf_name
+
+        self._require()
+        self.check_weights(weights)
+        params = {to_hf_name(name): p for name, p in self.model.named_parameters(remove_duplicate=False)}
+        with self._lock, torch.no_grad():
+            for name, t in weights.items():
+                params[name].copy_(t)
+        self.loaded_in_memory(version)
 
     async def health(self) -> EngineHealth:
         if self.model is None:
