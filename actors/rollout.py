@@ -6,7 +6,9 @@ take token ids rendered by *our* tokenizer's chat template, so every engine sees
 their native ``n`` (one prefill per prompt, K samples from the shared prefix).
 
 ``RolloutPool`` keeps a fixed set of actors busy with at most ``max_in_flight`` batches each (back-pressure), replaces
-an actor that dies and retries its batch, and can push a new checkpoint into the live actors. An explicit pool rather
+an actor that dies and retries its batch, and can push new weights into the live actors: a checkpoint directory
+(``load_weights``) or a trainer's in-memory weights (``update_weights``: one ``ray.put``, every actor reads the same
+object; an actor that replaces a dead one gets the latest weights before it takes work). An explicit pool rather
 than Ray Data's ``map_batches(ActorPoolStrategy)``: the actors must outlive one dataset (they are reused across rounds
 and get new weights in place), and exactly-once bookkeeping wants to know which batch came back from which submission.
 """
@@ -16,12 +18,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 
 from actors.engines import Candidate, Engine, EngineHealth, EngineOptions, GenParams, engine_cls
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,12 @@ class RolloutWorker:
         self.engine.load_weights(model_dir)
         return self.engine.model_info().hash
 
+    def update_weights(self, weights: dict[str, torch.Tensor], version: str) -> float:
+        """The engine's ``update_weights``; returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.update_weights(weights, version)
+        return time.perf_counter() - start
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -117,6 +130,7 @@ class RolloutPool:
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
         self.replaced = 0
+        self._pushed: tuple[ray.ObjectRef, str] | None = None  # the latest update_weights: (weights, version)
         self.actors = [self._spawn() for _ in range(num_actors)]
         self._incarnation = [0] * num_actors
         ray.get([a.health.remote() for a in self.actors])  # fail fast if the engine cannot start
@@ -166,7 +180,8 @@ class RolloutPool:
                 continue
             yield results
 
-    def _replace(self, slot: int) -> None:
+    def _replace(self, slot: int) -> float:
+        """A fresh actor in ``slot``, holding the latest pushed weights if any; the seconds it took to load them."""
         try:
             ray.kill(self.actors[slot], no_restart=True)
         except Exception:
@@ -174,12 +189,44 @@ class RolloutPool:
         self.actors[slot] = self._spawn()
         self._incarnation[slot] += 1
         self.replaced += 1
+        seconds = 0.0
+        if self._pushed is not None:  # it starts from model_dir: give it the weights the others sample from
+            seconds = ray.get(self.actors[slot].update_weights.remote(*self._pushed))
         ray.get(self.actors[slot].health.remote())
+        return seconds
 
     def load_weights(self, model_dir: str) -> list[str]:
         """Push a new checkpoint into every live actor (next round); returns the hash each reports."""
         self.model_dir = model_dir
+        self._pushed = None
         return ray.get([a.load_weights.remote(model_dir) for a in self.actors])
+
+    def update_weights(self, weights: dict[str, torch.Tensor] | ray.ObjectRef, version: str) -> list[float]:
+        """Load a trainer's full weights (HF names, CPU tensors: ``model.hf.hf_state_dict``) into every live actor's
+        engine in place; returns the seconds each engine took. ``weights`` is ``ray.put`` once here (or passed as the
+        ref of an object the caller put) and every actor reads that one object. ``version`` becomes each engine's
+        ``model_info().hash`` (e.g. "grpo-step-12").
+
+        The pool keeps the ref until the next update or ``load_weights``, so an actor that replaces a dead one loads
+        these weights before it takes work (the object store holds one copy of the weights meanwhile). Bad weights
+        (``EngineError`` naming the tensor) are refused by every actor before any copies them, and are not kept. An
+        actor that dies meanwhile is replaced (its replacement loads these weights; its seconds are reported)."""
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        calls = [a.update_weights.remote(ref, version) for a in self.actors]
+        previous, self._pushed = self._pushed, (ref, version)
+        seconds = []
+        try:
+            for slot, call in enumerate(calls):
+                try:
+                    seconds.append(ray.get(call))
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                    log.warning("rollout actor %d died during update_weights (%s); replacing it", slot,
+                                type(e).__name__)
+                    seconds.append(self._replace(slot))
+        except BaseException:
+            self._pushed = previous  # refused weights are not handed to later replacements
+            raise
+        return seconds
 
     def health(self) -> list[EngineHealth]:
         return ray.get([a.health.remote() for a in self.actors])
