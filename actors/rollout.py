@@ -52,6 +52,11 @@ class RolloutResult:
     """Set when the prompt could not be rolled out (empty, longer than the context…); the job records a failed row."""
 
 
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids every engine gets for a chat prompt: our chat template with the generation prompt, BOS first."""
+    return tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True), bos=True)
+
+
 class RolloutWorker:
     """The actor's body (kept a plain class so it can be tested and benchmarked without Ray): an engine started
     for batches, and our tokenizer to render the chat prompts."""
@@ -82,8 +87,7 @@ class RolloutWorker:
         try:
             if not item.messages or not any(str(m.get("content", "")).strip() for m in item.messages):
                 return "empty prompt", []
-            text = self.tokenizer.apply_chat_template(item.messages, add_generation_prompt=True)
-            tokens = self.tokenizer.encode(text, bos=True)
+            tokens = prompt_ids(self.tokenizer, item.messages)
         except Exception as e:  # malformed messages: a failed row, never a crashed batch
             return f"bad prompt: {e}", []
         context = self.engine.model_info().max_model_len

@@ -20,6 +20,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "clean": ("jobs.clean", "clean, dedup, tokenize and pack a corpus (Ray Data)"),
     "rs": ("jobs.rejection_sampling", "rejection sampling: K candidates per prompt, scored, best kept (exactly once)"),
     "rs-rounds": ("jobs.rs_rounds", "rounds of RS → SFT with new weights in the live rollout actors"),
+    "grpo": ("jobs.grpo", "online RL: GRPO on the rollout actors and the trainer, weights synced in memory"),
     "pipeline": ("jobs.pipeline", "the whole lifecycle: pretrain → SFT → RS rounds → DPO, with a summary"),
 }
 

@@ -291,8 +291,13 @@ def select(rows: list[dict], sel: SelectionConfig) -> tuple[list[dict], list[dic
 
 def engine_options(cfg: RSConfig) -> EngineOptions:
     """The pool's engine options with the job's seed, and one GPU per tensor-parallel rank."""
-    tp = max(cfg.pool.engine_options.tensor_parallel_size, int(cfg.pool.num_gpus))
-    return dataclasses.replace(cfg.pool.engine_options, seed=cfg.seed, tensor_parallel_size=max(1, tp))
+    return pool_engine_options(cfg.pool, cfg.seed)
+
+
+def pool_engine_options(pool: PoolConfig, seed: int) -> EngineOptions:
+    """``pool``'s engine options with ``seed``, and one GPU per tensor-parallel rank (RS and GRPO pools)."""
+    tp = max(pool.engine_options.tensor_parallel_size, int(pool.num_gpus))
+    return dataclasses.replace(pool.engine_options, seed=seed, tensor_parallel_size=max(1, tp))
 
 
 def check_out(cfg: RSConfig) -> None:

@@ -111,6 +111,9 @@ class TrainSource(Protocol):
         """Continue from a checkpoint's train state (``None``: from the start)."""
         ...
 
+    # An on-policy source (jobs/grpo.RolloutSource) also has ``bind_policy(model, worker)``: the loop hands it the
+    # live model and its worker before ``restore``, and the source samples its rows from that model.
+
 
 class IndexedSource:
     """An idx-addressed row source behind the TrainSource interface: step s reads rows consumed .. consumed +

@@ -479,6 +479,8 @@ def run_worker(spec: LoopSpec, session: Session) -> dict[str, Any]:
     step, consumed = (int(state["step"]), int(state["consumed"])) if state else (0, 0)
     resumed_from = step if state else None
     train_src = as_train_source(spec.make_train_source(), w.rank, w.world, spec.train.micro_batch_size)
+    if hasattr(train_src, "bind_policy"):  # an on-policy source (jobs/grpo.RolloutSource) samples from the model
+        train_src.bind_policy(model, w)
     train_src.restore(state)
     val_src = spec.make_val_source() if spec.make_val_source else None
     callbacks = load_callbacks(spec.callbacks)
