@@ -253,6 +253,99 @@ class RoundsWatcher(threading.Thread):
                 print(f"[recipe] watcher: {type(e).__name__}: {e}", file=sys.stderr)
 
 
+class GrpoWatcher(threading.Thread):
+    """Polls the GRPO run's metrics.csv every 5 s: one ``grpo-step`` line per 8 steps (and the last), and a copy of
+    the CSV in ``--out`` (grpo_metrics.csv), so a call cut off by its time limit still returns the curve."""
+
+    KEEP = ("reward_mean", "pass_rate", "kl", "clip_frac", "entropy", "answer_len", "rollout_s",
+            "rollout_tokens_per_s", "sync_s", "tokens_per_s", "skipped")
+
+    def __init__(self, run_dir: Path, out: Path | None, emit: Emitter, t0: float) -> None:
+        super().__init__(daemon=True)
+        self.run_dir, self.out, self.emit, self.t0 = run_dir, out, emit, t0
+        self.stop = threading.Event()
+        self.rows: list[dict] = []
+
+    def poll(self) -> None:
+        import csv
+
+        path = self.run_dir / "metrics" / "metrics.csv"
+        if not path.exists():
+            return
+        with path.open() as f:
+            rows = [r for r in csv.DictReader(f) if r.get("reward_mean")]
+        for r in rows[len(self.rows):]:
+            if int(r["step"]) % 8 == 0 or int(r["step"]) == 1:
+                self.emit("grpo-step", step=int(r["step"]), **{k: round(float(r[k]), 4) for k in self.KEEP if r.get(k)},
+                          t_s=round(time.time() - self.t0, 1))
+        self.rows = rows
+        if self.out is not None:
+            shutil.copy2(path, self.out / "grpo_metrics.csv")
+
+    def run(self) -> None:
+        while not self.stop.wait(5.0):
+            try:
+                self.poll()
+            except Exception as e:  # never let the watcher kill the run
+                print(f"[recipe] grpo watcher: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def run_grpo(a: argparse.Namespace, emit: Emitter, work: Path, policy: Path, rs_file: Path, ho_file: Path,
+             t0: float) -> None:
+    """``--method grpo``: jobs/grpo.py on the same policy, prompts and held-out set; G = ``--k`` answers per prompt,
+    ``--grpo-prompts`` prompts per step, ``--grpo-steps`` on-policy steps (default: as many samples as the RS
+    rounds generate, rounds × RS prompts × K)."""
+    from actors.scorers import ScorerConfig
+    from jobs.grpo import GrpoConfig, GrpoSettings, grpo
+    from jobs.finetune import LoraSettings
+    from jobs.trainer import RunSettings, ScalingSettings
+    from training.loop import TrainConfig
+
+    steps = a.grpo_steps or max(1, a.rounds * a.rs_prompts * a.k // (a.grpo_prompts * a.k))
+    lora = LoraSettings(enabled=a.lora_rank > 0, rank=max(a.lora_rank, 1), alpha=2.0 * max(a.lora_rank, 1),
+                        targets=["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+    micro = min(a.grpo_prompts * a.k, 32)
+    cfg = GrpoConfig(
+        policy=str(policy), prompts=str(rs_file), heldout=str(ho_file), heldout_size=a.heldout,
+        scorer=ScorerConfig(kind="numeric"),
+        grpo=GrpoSettings(group_size=a.k, prompts_per_step=a.grpo_prompts, temperature=a.temperature,
+                          max_tokens=a.max_tokens, seed=a.seed),
+        lora=lora, train=TrainConfig(max_steps=steps, batch_size=a.grpo_prompts * a.k, micro_batch_size=micro,
+                                     lr=a.grpo_lr, warmup_steps=0, weight_decay=0.0, min_lr_ratio=1.0),
+        pool=pool_config(a),
+        run=RunSettings(name="grpo", storage=str(work), ckpt_every=0, eval_every=0, progress=False,
+                        keep_checkpoints=1, max_failures=0),
+        scaling=ScalingSettings(num_workers=1, use_gpu=a.gpu, cpus_per_worker=4.0 if a.gpu else 1.0,
+                                **({"gpus_per_worker": round(1.0 - a.gpu_share, 3)} if a.gpu else {})))
+    emit("config", method="grpo", steps=steps, group_size=a.k, prompts_per_step=a.grpo_prompts,
+         samples=steps * a.grpo_prompts * a.k, lr=a.grpo_lr, lora_rank=a.lora_rank, temperature=a.temperature,
+         max_tokens=a.max_tokens, engine=a.engine, t_s=round(time.time() - t0, 1))
+    watcher = GrpoWatcher(work / "grpo", a.out, emit, t0)
+    watcher.start()
+    t_run = time.time()
+    try:
+        out = grpo(cfg)
+    finally:
+        watcher.stop.set()
+        watcher.join(timeout=10)
+        watcher.poll()
+        if a.out and (work / "grpo" / "grpo.png").exists():
+            shutil.copy2(work / "grpo" / "grpo.png", a.out / "grpo.png")
+    rows = watcher.rows
+
+    def median(key: str) -> float | None:
+        vals = sorted(float(r[key]) for r in rows[1:] if r.get(key))
+        return round(vals[len(vals) // 2], 3) if vals else None
+
+    emit("summary", method="grpo", greedy_accuracy_before=out["heldout"].get("before"),
+         greedy_accuracy_after=out["heldout"].get("after"), heldout=a.heldout, steps=len(rows),
+         samples=len(rows) * a.grpo_prompts * a.k, pass_rate_first=rows and float(rows[0]["pass_rate"]),
+         pass_rate_last8=rows and round(sum(float(r["pass_rate"]) for r in rows[-8:]) / len(rows[-8:]), 4),
+         median_rollout_s=median("rollout_s"), median_sync_s=median("sync_s"),
+         median_train_tokens_per_s=median("tokens_per_s"), median_rollout_tokens_per_s=median("rollout_tokens_per_s"),
+         run_s=round(time.time() - t_run, 1), total_s=round(time.time() - t0, 1))
+
+
 # ------------------------------------------------------------------------------------------------ engines
 
 
@@ -313,9 +406,9 @@ def settings(a: argparse.Namespace) -> None:
     # max_tokens 128: SmolLM2-Instruct explains before it answers — greedy answers to these prompts ran 28–128+
     # tokens (median ≈ 100) on the CPU check, so a 48-token budget would mostly score truncated reasoning.
     full = dict(rounds=3, rs_prompts=256, k=8, heldout=128, max_tokens=128, sft_steps=24, sft_batch=16, sft_micro=16,
-                pool_batch=64)
+                pool_batch=64, grpo_prompts=16)
     smoke = dict(rounds=2, rs_prompts=16, k=2, heldout=16, max_tokens=24, sft_steps=2, sft_batch=4, sft_micro=4,
-                 pool_batch=16)
+                 pool_batch=16, grpo_prompts=2)
     for k, v in (smoke if a.smoke else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -340,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the Serve scoring, of an earlier run's --work (its rounds/rounds.json)")
     ap.add_argument("--serve-port", type=int, default=8011, help="port of the Serve HTTP proxy (127.0.0.1)")
     ap.add_argument("--smoke", action="store_true", help="tiny scale: 2 rounds, 16 prompts, K=2, 2 SFT steps")
+    ap.add_argument("--method", choices=("rs", "grpo"), default="rs",
+                    help="rs: RS + SFT rounds; grpo: jobs/grpo.py on the same prompts (G = --k)")
+    ap.add_argument("--grpo-steps", type=int, help="GRPO steps (default: the RS rounds' number of samples)")
+    ap.add_argument("--grpo-prompts", type=int, help="GRPO prompts per step")
+    ap.add_argument("--grpo-lr", type=float, default=5e-6, help="GRPO learning rate (constant)")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--rs-prompts", type=int)
     ap.add_argument("--k", type=int, help="candidates per prompt")
@@ -403,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
         # ---- prompts
         rs_file, ho_file, dinfo = write_prompts(work, a.rs_prompts, a.heldout, a.seed)
         emit("data", **dinfo, t_s=round(time.time() - t0, 1))
+
+        if a.method == "grpo":
+            run_grpo(a, emit, work, policy, rs_file, ho_file, t0)
+            return 0
 
         # ---- the rounds job
         from jobs.rejection_sampling import SelectionConfig

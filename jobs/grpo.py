@@ -212,6 +212,9 @@ class RolloutPlan:
     """Prompts per actor call."""
     ref_dir: str | None = None
     """The starting weights, for the KL reference (None without a KL term)."""
+    sync_dtype: str | None = None
+    """dtype the weights travel in to the engines (None: as trained, float32); the engines' own dtype when they
+    run in half precision (bf16 vLLM on a GPU), which halves what crosses the object store."""
 
 
 class RolloutSource:
@@ -280,7 +283,10 @@ class RolloutSource:
         t0 = time.perf_counter()
         plain, _ = self.w.spec.objective.plain_model(self.model, self.w)  # gathered, LoRA merged; rank 0 only
         if self.w.rank == 0:
-            self.plan.pool.update_weights(hf_state_dict(plain), f"grpo-step-{step}")
+            import torch
+
+            dtype = getattr(torch, self.plan.sync_dtype) if self.plan.sync_dtype else None
+            self.plan.pool.update_weights(hf_state_dict(plain, dtype=dtype), f"grpo-step-{step}")
         self.synced_step = step
         return time.perf_counter() - t0
 
@@ -432,8 +438,9 @@ def grpo(cfg: GrpoConfig) -> dict[str, Any]:
         obj = GrpoObjective(init_dir, lora, adapter_meta=adapter_meta(lora, init_dir),
                             adapter_dir=str(rd / "adapter") if lora and cfg.lora.save_adapter else None,
                             clip_eps=g.clip_eps, kl_coef=g.kl_coef, loss_norm=g.loss_norm)  # type: ignore[arg-type]
+        half = cfg.pool.engine_options.dtype if cfg.pool.engine_options.dtype in ("bfloat16", "float16") else None
         plan = RolloutPlan(pool, prompts, g, cfg.scorer, reward_scorer, cfg.pool.batch_size,
-                           init_dir if g.kl_coef > 0 else None)
+                           init_dir if g.kl_coef > 0 else None, half)
         spec = LoopSpec(
             model_args=args, train=cfg.train, objective=obj, make_train_source=partial(RolloutSource, plan),
             metrics_dir=str(rd / "metrics"), ckpt_every=cfg.run.ckpt_every, tokenizer_dir=tok_dir,
