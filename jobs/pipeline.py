@@ -1,4 +1,5 @@
-"""The whole lifecycle in one job: pretrain → SFT → rejection-sampling rounds → DPO, then a summary, then serving.
+"""The whole lifecycle in one job: pretrain → SFT → rejection-sampling rounds → (GRPO) → DPO, then a summary, then
+serving.
 
 Runbook (the README's main command; CPU, 2 cores, about 10–15 minutes):
     llamaray pipeline --config pipeline-tiny
@@ -11,6 +12,8 @@ Stages, each its own job with its own run directory under ``<storage>/<name>/`` 
   tasks     generated arithmetic word problems (tasks/arithmetic.py): SFT rows, RS prompts, held-out prompts
   sft       jobs/sft.py from the pretrain export on the SFT rows → sft/hf
   rs        jobs/rs_rounds.py: RS → SFT rounds with the live rollout actors → rounds/round-R/sft/hf
+  grpo      (optional, not in the default stages) jobs/grpo.py from the last policy on the RS prompts, held-out
+            accuracy before/after → grpo/hf
   dpo       jobs/dpo.py from the last policy on the last round's best/worst pairs → dpo/hf
   serve     the final model on Ray Serve (jobs/serve.py's deploy, settings from ``serve.config``, serve-tiny:
             http://127.0.0.1:8000), one chat request through the ``openai`` client (the first held-out prompt unless
@@ -33,7 +36,8 @@ from typing import Literal
 from cluster.storage import storage_dir
 from core.config import ConfigError, Flag, deep_merge, from_dict, load_config, run_job, to_dict
 
-Stage = Literal["pretrain", "sft", "rs", "dpo"]
+Stage = Literal["pretrain", "sft", "rs", "grpo", "dpo"]
+ORDER: tuple[str, ...] = ("pretrain", "sft", "rs", "grpo", "dpo")
 
 
 @dataclass
@@ -116,7 +120,8 @@ class PipelineConfig:
     previous one's outputs as local files (SFT's init, RS's model, DPO's rows). With a bucket, run the jobs one by
     one and give each a local copy of what the previous one stored."""
     stages: list[Stage] = field(default_factory=lambda: ["pretrain", "sft", "rs", "dpo"])
-    """Stages to run, in lifecycle order; a skipped stage's output from an earlier run is reused."""
+    """Stages to run, in lifecycle order (pretrain, sft, rs, grpo, dpo); a skipped stage's output from an earlier
+    run is reused. grpo is optional (not in the default)."""
     tasks: TaskData = field(default_factory=TaskData)
     """The generated task data."""
     pretrain: dict = field(default_factory=dict)
@@ -125,13 +130,16 @@ class PipelineConfig:
     """jobs/sft.py settings (init, data.train and run.name/storage are set here)."""
     rounds: dict = field(default_factory=dict)
     """jobs/rs_rounds.py settings (policy, prompts, heldout and out are set here)."""
+    grpo: dict = field(default_factory=dict)
+    """jobs/grpo.py settings on top of a preset (``extends``, default grpo-tiny); policy, prompts, heldout and
+    run.name/storage are set here."""
     dpo: dict = field(default_factory=dict)
     """jobs/dpo.py settings (init, data.train and run.name/storage are set here)."""
     serve: ServeStep = field(default_factory=ServeStep)
     """The final step: serve the final model and ask it one question (``--no-serve`` skips it)."""
 
     def __post_init__(self) -> None:
-        order = ["pretrain", "sft", "rs", "dpo"]
+        order = list(ORDER)
         if not self.stages:
             raise ConfigError("stages is empty")
         if [s for s in order if s in self.stages] != list(self.stages):
@@ -141,6 +149,7 @@ class PipelineConfig:
         placeholder = str(Path(__file__))
         self._stage("sft", self.sft, {"init": placeholder, "data": {"train": placeholder}})
         self._stage("dpo", self.dpo, {"init": placeholder, "data": {"train": placeholder}})
+        self.grpo_config(placeholder, placeholder, placeholder)
         from jobs.rs_rounds import RoundsConfig
 
         known = set(RoundsConfig.__dataclass_fields__)
@@ -159,6 +168,16 @@ class PipelineConfig:
         cls = {"sft": SftConfig, "dpo": DpoConfig}[stage]
         run = {"run": {"name": stage, "storage": str(self.dir)}}
         return from_dict(cls, deep_merge(deep_merge(base, over), run), f"pipeline.{stage}")
+
+    def grpo_config(self, policy: str, prompts: str, heldout: str):
+        from jobs.grpo import GrpoConfig
+
+        base = dict(self.grpo)
+        preset = base.pop("extends", "grpo-tiny")
+        start = to_dict(load_config(GrpoConfig, preset, [f"policy={policy}", f"prompts={prompts}"]))
+        over = {"policy": policy, "prompts": prompts, "heldout": heldout,
+                "run": {"name": "grpo", "storage": str(self.dir)}}
+        return from_dict(GrpoConfig, deep_merge(deep_merge(start, base), over), "pipeline.grpo")
 
     def pretrain_config(self):
         from jobs.pretrain import PretrainConfig
@@ -213,11 +232,12 @@ def run(cfg: PipelineConfig) -> dict:
     if "pretrain" in cfg.stages:
         out = pretrain(cfg.pretrain_config())
         summary["stages"]["pretrain"] = {"export": out["export"], "val_loss": out["metrics"].get("val_loss")}
-    policy = need("sft", exports["pretrain"])
     if "sft" in cfg.stages:
-        out = sft(cfg._stage("sft", cfg.sft, {"init": policy, "data": {"train": str(files["sft"])}}))
+        init = need("sft", exports["pretrain"])
+        out = sft(cfg._stage("sft", cfg.sft, {"init": init, "data": {"train": str(files["sft"])}}))
         summary["stages"]["sft"] = {"export": out["export"]}
-    policy = need("rs", exports["sft"])
+    later = [s for s in cfg.stages if s not in ("pretrain", "sft")]
+    policy = need(later[0] if later else "rs", exports["sft"])
     summary["stages"].setdefault("sft", {})["heldout_accuracy"] = greedy_accuracy(policy, files["heldout"])
     rounds_state = root / "rounds" / "rounds.json"
     if "rs" in cfg.stages:
@@ -234,6 +254,13 @@ def run(cfg: PipelineConfig) -> dict:
         last_dpo_pairs = root / "rounds" / f"round-{state['rounds'][-1]['round']}" / "rs" / "dpo.jsonl"
         summary["stages"]["rs"] = {"rounds": state["rounds"], "baseline_accuracy": state["baseline_accuracy"],
                                    "heldout_accuracy": greedy_accuracy(policy, files["heldout"])}
+    if "grpo" in cfg.stages:
+        from jobs.grpo import grpo
+
+        out = grpo(cfg.grpo_config(policy, str(files["prompts"]), str(files["heldout"])))
+        policy = out["export"]
+        summary["stages"]["grpo"] = {"export": policy, "heldout_accuracy": greedy_accuracy(policy, files["heldout"]),
+                                     "in_job": out["heldout"]}
     if "dpo" in cfg.stages:
         if last_dpo_pairs is None or not last_dpo_pairs.read_text().strip():
             raise ConfigError("stage dpo needs best/worst pairs from the rs stage (none were produced)")

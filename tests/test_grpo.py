@@ -223,3 +223,25 @@ def test_a_batch_without_signal_is_skipped_and_a_rewardless_run_stops(sft_traine
                     "run.max_failures=0")
     with pytest.raises(Exception, match="the reward gives no signal"):
         grpo(cfg)
+
+
+@pytest.mark.slow
+def test_pipeline_grpo_stage_from_an_earlier_sft(sft_trained, tmp_path):
+    """stages=[grpo] in the pipeline: GRPO from the pipeline's SFT export on its RS prompts, held-out accuracy
+    recorded like the other stages (in summary.json and summary.png)."""
+    import shutil
+
+    from core.config import load_config
+    from jobs.pipeline import PipelineConfig, run
+
+    _, base = sft_trained
+    cfg = load_config(PipelineConfig, "pipeline-tiny", [
+        f"storage={tmp_path}", "name=p", "stages=[grpo]", "serve.enabled=false",
+        "grpo.train.max_steps=4", "grpo.pool.engine=reference", "grpo.heldout_size=16", "grpo.run.progress=false"])
+    shutil.copytree(base["export"], tmp_path / "p" / "sft" / "hf")
+    summary = run(cfg)
+    grpo = summary["stages"]["grpo"]
+    assert Path(grpo["export"]) == tmp_path / "p" / "grpo" / "hf"
+    assert 0 <= grpo["heldout_accuracy"] <= 1 and set(grpo["in_job"]) >= {"before", "after"}
+    assert summary["final_model"] == grpo["export"]
+    assert (tmp_path / "p" / "summary.png").stat().st_size > 0
