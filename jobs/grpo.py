@@ -24,8 +24,9 @@ with ``grpo.kl_coef`` > 0, under a frozen copy of the starting weights (``ref_lo
 the export into the pool and measures held-out accuracy again (``<run>/heldout.json``, ``<run>/grpo.png``).
 
 Metrics per step (``<run>/metrics/metrics.csv``, TensorBoard, the progress bar): loss, policy_loss, kl, clip_frac,
-entropy, reward_mean, reward_std, pass_rate (verifier passes), answer_len, rollout_s, rollout_tokens_per_s, sync_s,
-skipped (batches skipped so far), plus the loop's tokens/s and grad_norm.
+entropy, reward_mean, reward_std, pass_rate (verifier passes; with a reward model the share rewarded above 0),
+answer_len, rollout_s, rollout_tokens_per_s, sync_s, skipped (batches skipped so far), plus the loop's tokens/s and
+grad_norm.
 
 No signal: a batch whose rewards are equal within every group has zero advantages; it is skipped with a warning and
 the next prompts are drawn (``skipped`` counts them); ``max_skips`` such batches in a row stop the run with an error
@@ -40,6 +41,7 @@ costs), rollouts overlapping training (off-policy by one), PPO's value model.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sys
@@ -174,9 +176,14 @@ class Prompts:
     def at(self, pos: int, seed: int) -> int:
         """The prompt at stream position ``pos``: each pass over the file is a fresh seeded shuffle."""
         epoch, i = divmod(pos, len(self.messages))
-        order = list(range(len(self.messages)))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        return order[i]
+        return epoch_order(len(self.messages), seed * 1_000_003 + epoch)[i]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int) -> list[int]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
 
 
 def read_prompts(path: str, tok: Any, context: int, max_tokens: int) -> tuple[Prompts, int]:
@@ -207,7 +214,7 @@ class RolloutPlan:
     settings: GrpoSettings
     scorer: ScorerConfig
     reward_scorer: Any = None
-    """A ModelScorer actor handle when scorer.kind is reward_model."""
+    """A scorer actor (actors/scorers.ScorerActor) when scorer.kind is reward_model."""
     pool_batch: int = 16
     """Prompts per actor call."""
     ref_dir: str | None = None
@@ -334,14 +341,15 @@ class RolloutSource:
         return rows, stats, self.pos + s.prompts_per_step
 
     def _score(self, messages: list[dict], answers: list[str], reference: str) -> tuple[list[float], list[bool]]:
+        """(reward of each answer, whether it "passed": the verifier's verdict, or a reward model's score > 0)."""
         if self.plan.reward_scorer is not None:
             import ray
 
             [verdicts] = ray.get(self.plan.reward_scorer.score.remote([(messages, answers)]))
-        else:
-            from actors.scorers import score_with_verifier
+            return [v.score for v in verdicts], [v.score > 0 for v in verdicts]
+        from actors.scorers import score_with_verifier
 
-            verdicts = score_with_verifier(self.plan.scorer, answers, reference)
+        verdicts = score_with_verifier(self.plan.scorer, answers, reference)
         return [v.score for v in verdicts], [v.passed for v in verdicts]
 
     def _micro_batches(self, rows: list[dict], stats: dict[str, float], device: Any) -> list[dict]:
@@ -409,7 +417,7 @@ def grpo(cfg: GrpoConfig) -> dict[str, Any]:
     """Run (or resume) a GRPO job; returns final metrics, held-out accuracy before/after and where outputs are."""
     import ray
 
-    from actors.scorers import ModelScorer
+    from actors.scorers import ScorerActor
     from model.llama import ModelArgs
 
     store = run_store(cfg.run)
@@ -432,7 +440,7 @@ def grpo(cfg: GrpoConfig) -> dict[str, Any]:
             heldout["before"] = heldout_accuracy(pool, cfg)
             heldout_file.write_text(json.dumps(heldout, indent=2))
         if cfg.scorer.kind == "reward_model":
-            reward_scorer = ray.remote(ModelScorer).options(num_cpus=1).remote(cfg.scorer)
+            reward_scorer = ScorerActor.remote(cfg.scorer)
         lora = cfg.lora.config() if cfg.lora.enabled else None
         g = cfg.grpo
         obj = GrpoObjective(init_dir, lora, adapter_meta=adapter_meta(lora, init_dir),

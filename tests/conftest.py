@@ -84,11 +84,13 @@ def sft_trained(sft_task, tmp_path_factory):
 
 
 # Modules that take minutes, longest first (serial seconds on the 2-core box: cluster ~400-600, dpo ~210, pretrain
-# ~200, serve_scaling ~120, storage_uri ~115, serve_cluster ~100, corpus ~95, serve ~95, rs_rounds ~90, sft ~70).
+# ~200, grpo ~150, serve_scaling ~120, storage_uri ~115, serve_cluster ~100, corpus ~95, serve ~95, rs_rounds ~90,
+# sft ~70).
 # scripts/test.sh runs the suite on two xdist workers that take whole modules in collection order
 # (``--dist loadfile --no-loadscope-reorder``): these start first, so that no long module is left to run alone at the
 # end while the other worker idles. A stale list costs time, never correctness.
-LONG_MODULES = ["test_cluster.py", "test_dpo.py", "test_pretrain.py", "test_serve_scaling.py", "test_storage_uri.py",
+LONG_MODULES = ["test_cluster.py", "test_dpo.py", "test_pretrain.py", "test_grpo.py", "test_serve_scaling.py",
+                "test_storage_uri.py",
                 "test_serve_cluster.py", "test_corpus.py", "test_serve.py", "test_rs_rounds.py", "test_sft.py"]
 
 

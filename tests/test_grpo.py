@@ -245,3 +245,29 @@ def test_pipeline_grpo_stage_from_an_earlier_sft(sft_trained, tmp_path):
     assert 0 <= grpo["heldout_accuracy"] <= 1 and set(grpo["in_job"]) >= {"before", "after"}
     assert summary["final_model"] == grpo["export"]
     assert (tmp_path / "p" / "summary.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_grpo_with_a_reward_model_scorer(sft_trained, tmp_path):
+    """scorer.kind=reward_model: the rewards come from a reward model (the policy's trunk with a random scalar head,
+    saved as `llamaray rm` exports it), so they are real numbers, not 0/1 verdicts; the run trains on them."""
+    import csv
+
+    from jobs.grpo import grpo
+    from model.hf import load_hf
+    from model.reward import RewardModel, save_reward_model
+
+    _, base = sft_trained
+    policy, tok = load_hf(base["export"])
+    rm = RewardModel.from_policy(policy)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.head.weight, std=1.0)
+    save_reward_model(rm, tok, tmp_path / "reward-model")
+    f = _files(tmp_path, 64)
+    grpo(_grpo_cfg(base, f, tmp_path, "run.name=rm", "scorer.kind=reward_model",
+                   f"scorer.model={tmp_path / 'reward-model'}", "train.max_steps=3", "grpo.prompts_per_step=2", "grpo.group_size=4", "train.micro_batch_size=8",
+                   "heldout="))
+    rows = list(csv.DictReader((tmp_path / "rm" / "metrics" / "metrics.csv").open()))
+    assert len(rows) == 3
+    assert all(float(r["reward_std"]) > 0 for r in rows)
+    assert any(float(r["reward_mean"]) not in (0.0, 1.0) for r in rows)
