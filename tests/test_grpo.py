@@ -211,9 +211,9 @@ def test_killed_grpo_worker_resumes_at_its_checkpoint_with_the_prompt_position(s
 
 @pytest.mark.slow
 def test_a_batch_without_signal_is_skipped_and_a_rewardless_run_stops(sft_trained, tmp_path):
-    """A scorer that passes nothing (exact match of the bare number: the policy writes sentences): every group's rewards are equal, so every batch is
-    skipped with a warning, and after grpo.max_skips in a row the run stops with an error saying so — no NaN, no
-    update of the weights."""
+    """A scorer that passes nothing (exact match of the bare number: the policy writes sentences): every group's
+    rewards are equal, so every batch is skipped with a warning, and after grpo.max_skips in a row the run stops
+    with an error saying so — no NaN, no update of the weights."""
     from jobs.grpo import grpo
 
     _, base = sft_trained
@@ -265,7 +265,8 @@ def test_grpo_with_a_reward_model_scorer(sft_trained, tmp_path):
     save_reward_model(rm, tok, tmp_path / "reward-model")
     f = _files(tmp_path, 64)
     grpo(_grpo_cfg(base, f, tmp_path, "run.name=rm", "scorer.kind=reward_model",
-                   f"scorer.model={tmp_path / 'reward-model'}", "train.max_steps=3", "grpo.prompts_per_step=2", "grpo.group_size=4", "train.micro_batch_size=8",
+                   f"scorer.model={tmp_path / 'reward-model'}", "train.max_steps=3", "grpo.prompts_per_step=2",
+                   "grpo.group_size=4", "train.micro_batch_size=8",
                    "heldout="))
     rows = list(csv.DictReader((tmp_path / "rm" / "metrics" / "metrics.csv").open()))
     assert len(rows) == 3
