@@ -106,6 +106,7 @@ PRESET_JOBS = {  # preset → (its job's config class, the overrides its header 
     "rm-tiny": ("jobs.rm:RmConfig", ["init=runs/sft-tiny/hf"]),
     "rs-tiny": ("jobs.rejection_sampling:RSConfig", ["model={hf}"]),
     "rs-rounds-tiny": ("jobs.rs_rounds:RoundsConfig", ["policy={hf}", "prompts=p.jsonl", "heldout=h.jsonl"]),
+    "grpo-tiny": ("jobs.grpo:GrpoConfig", ["policy={hf}", "prompts=p.jsonl", "heldout=h.jsonl"]),
     "pipeline-tiny": ("jobs.pipeline:PipelineConfig", []), "serve-tiny": ("jobs.serve:ServeJobConfig", []),
 }
 
