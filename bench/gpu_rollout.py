@@ -226,7 +226,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
         res["workloads"].append(row)
         log(f"{shape} {wl}: {rate} actor/bare {row['actor_vs_bare']}")
 
-    # Weight reload into the live actor (fresh engine on the new directory, same actor and GPU reservation).
+    # Weight reload into the live actor (VLLMEngine.load_weights: in place since 2026-12-08, a fresh engine before).
     wl = res["workloads"][0]
     P, K, T = wl["prompts"], wl["k"], wl["max_tokens"]
     items = [PromptItem(p.id, [{"role": "user", "content": p.prompt}]) for p in problems(P, seed=11)]
@@ -243,7 +243,7 @@ def bench_shape(a, shape: str, work: Path, device: str) -> dict:
     dt = time.perf_counter() - t
     res["reload"] = {"hash_before": h0, "hash_after": hashes[0], "hash_changed": hashes[0] != h0,
                      "first_tokens_changed": before != after, "tokens_per_s_after": round(n / dt, 1),
-                     "what": "VLLMEngine.load_weights: engine shutdown + a fresh LLM on the new dir"}
+                     "what": "VLLMEngine.load_weights: the new dir's weights into the running engine (in place)"}
     pool.shutdown()
     try:
         llm.llm_engine.engine_core.shutdown()

@@ -27,8 +27,8 @@ pushed into the live actors → held-out greedy accuracy. With ``--gpu`` the act
 (``pool.num_gpus``) and the SFT worker the rest (``scaling.gpus_per_worker``), so both fit on one GPU.
 
 ``--engine vllm`` runs the rollout actor on vLLM instead (on the GPU: bf16, CUDA graphs,
-``--vllm-memory`` of the card, so the SFT worker fits beside it; each round's export is loaded by a fresh engine in
-the same actor). ``--serve-eval`` (or ``--serve-only``, which reads an earlier ``--work``'s rounds.json instead of
+``--vllm-memory`` of the card, so the SFT worker fits beside it; each round's export is loaded into the running
+engine in place since 2026-12-08 — the measured run below still started a fresh engine each round). ``--serve-eval`` (or ``--serve-only``, which reads an earlier ``--work``'s rounds.json instead of
 running the rounds) then deploys the start policy and the last round's policy, one after the other, with
 jobs/serve.py (our Serve app, engine ``--engine``; on the GPU one replica of 0.5 GPU at ``gpu_memory_utilization``
 0.4) and scores the held-out prompts through the endpoint with the ``openai`` client (jobs/serve.endpoint_answerer,

@@ -254,5 +254,8 @@ def test_vllm_actor_takes_weights_in_memory(tied_models, ray_local):
         assert greedy_now(pool, probe) == want_b and pool.health()[0].model_hash == "v1"
         pool.update_weights(weights_of(a), "v0")  # and back, in place again
         assert greedy_now(pool, probe) == want_a
+        # a checkpoint directory goes in place the same way (load_weights): the tied head follows
+        assert pool.load_weights(b) == [model_hash(b)]
+        assert greedy_now(pool, probe) == want_b
     finally:
         pool.shutdown()
