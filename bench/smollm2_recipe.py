@@ -195,14 +195,43 @@ def pass_at_k(all_rows: Path) -> float | None:
     return round(sum(hit.values()) / len(hit), 4) if hit else None
 
 
-class RoundsWatcher(threading.Thread):
-    """Polls the rounds job's files (rounds.json, round-r/rs/manifest.json) and emits a line for each new figure,
-    while jobs/rs_rounds.run works in the main thread (Ray Train wants the main thread)."""
+class Watcher(threading.Thread):
+    """Calls ``poll`` every ``interval`` seconds while a job works in the main thread (Ray Train wants the main
+    thread), and once more when the ``with`` block ends, so the last figures are not missed. A failing poll is
+    reported and the watching goes on: a watcher never kills the run."""
+
+    interval = 2.0
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.stop = threading.Event()
+
+    def poll(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Watcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.join(timeout=10)
+        self.poll()  # whatever landed since the last poll
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.poll()
+            except Exception as e:  # say why a figure was missed
+                print(f"[recipe] {type(self).__name__}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+class RoundsWatcher(Watcher):
+    """Polls the rounds job's files (rounds.json, round-r/rs/manifest.json) and emits a line for each new figure."""
 
     def __init__(self, out: Path, emit: Emitter, t0: float, k: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.out, self.emit, self.t0, self.k = out, emit, t0, k
-        self.stop = threading.Event()
         self.seen: set[str] = set()
         self.figures: dict[str, dict] = {}
 
@@ -245,25 +274,19 @@ class RoundsWatcher(threading.Thread):
         self.figures[name] = fields
         self.emit(name, **fields)
 
-    def run(self) -> None:
-        while not self.stop.wait(2.0):
-            try:
-                self.poll()
-            except Exception as e:  # never let the watcher kill the run; say why it missed a figure
-                print(f"[recipe] watcher: {type(e).__name__}: {e}", file=sys.stderr)
 
-
-class GrpoWatcher(threading.Thread):
+class GrpoWatcher(Watcher):
     """Polls the GRPO run's metrics.csv every 5 s: one ``grpo-step`` line per 8 steps (and the last), and a copy of
     the CSV in ``--out`` (grpo_metrics.csv), so a call cut off by its time limit still returns the curve."""
 
     KEEP = ("reward_mean", "pass_rate", "kl", "clip_frac", "entropy", "answer_len", "rollout_s",
             "rollout_tokens_per_s", "sync_s", "tokens_per_s", "skipped")
 
+    interval = 5.0
+
     def __init__(self, run_dir: Path, out: Path | None, emit: Emitter, t0: float) -> None:
-        super().__init__(daemon=True)
+        super().__init__()
         self.run_dir, self.out, self.emit, self.t0 = run_dir, out, emit, t0
-        self.stop = threading.Event()
         self.rows: list[dict] = []
 
     def poll(self) -> None:
@@ -281,13 +304,6 @@ class GrpoWatcher(threading.Thread):
         self.rows = rows
         if self.out is not None:
             shutil.copy2(path, self.out / "grpo_metrics.csv")
-
-    def run(self) -> None:
-        while not self.stop.wait(5.0):
-            try:
-                self.poll()
-            except Exception as e:  # never let the watcher kill the run
-                print(f"[recipe] grpo watcher: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def run_grpo(a: argparse.Namespace, emit: Emitter, work: Path, policy: Path, rs_file: Path, ho_file: Path,
@@ -320,17 +336,13 @@ def run_grpo(a: argparse.Namespace, emit: Emitter, work: Path, policy: Path, rs_
     emit("config", method="grpo", steps=steps, group_size=a.k, prompts_per_step=a.grpo_prompts,
          samples=steps * a.grpo_prompts * a.k, lr=a.grpo_lr, lora_rank=a.lora_rank, temperature=a.temperature,
          max_tokens=a.max_tokens, engine=a.engine, t_s=round(time.time() - t0, 1))
-    watcher = GrpoWatcher(work / "grpo", a.out, emit, t0)
-    watcher.start()
     t_run = time.time()
-    try:
-        out = grpo(cfg)
-    finally:
-        watcher.stop.set()
-        watcher.join(timeout=10)
-        watcher.poll()
-        if a.out and (work / "grpo" / "grpo.png").exists():
-            shutil.copy2(work / "grpo" / "grpo.png", a.out / "grpo.png")
+    with GrpoWatcher(work / "grpo", a.out, emit, t0) as watcher:
+        try:
+            out = grpo(cfg)
+        finally:
+            if a.out and (work / "grpo" / "grpo.png").exists():
+                shutil.copy2(work / "grpo" / "grpo.png", a.out / "grpo.png")
     rows = watcher.rows
 
     def median(key: str) -> float | None:
@@ -528,19 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         emit("config", rounds=a.rounds, k=a.k, temperature=a.temperature, max_tokens=a.max_tokens,
              sft=sft, engine=a.engine, engine_options=dataclasses.asdict(pool.engine_options),
              pool_num_gpus=pool.num_gpus, pool_batch=a.pool_batch, t_s=round(time.time() - t0, 1))
-        watcher = RoundsWatcher(rounds_dir, emit, t0, a.k)
-        watcher.start()
         t_rounds = time.time()
-        try:
-            state = run(cfg)
-        finally:
-            watcher.stop.set()
-            watcher.join(timeout=10)
-            watcher.poll()  # whatever landed since the last poll
-            if a.out:
-                for name in ("rounds.json", "rounds.png"):
-                    if (rounds_dir / name).exists():
-                        shutil.copy2(rounds_dir / name, a.out / name)
+        with RoundsWatcher(rounds_dir, emit, t0, a.k) as watcher:
+            try:
+                state = run(cfg)
+            finally:
+                if a.out:
+                    for name in ("rounds.json", "rounds.png"):
+                        if (rounds_dir / name).exists():
+                            shutil.copy2(rounds_dir / name, a.out / name)
         f = watcher.figures
         emit("summary", greedy_accuracy=[state["baseline_accuracy"]] + [r["accuracy"] for r in state["rounds"]],
              **{f"pass_at_{a.k}_per_round": [f.get(f"rs-round-{r}", {}).get(f"pass_at_{a.k}")

@@ -168,9 +168,11 @@ class GrpoConfig:
 
 @dataclass(frozen=True)
 class Prompts:
-    """Training prompts (chat messages and the reference answer of each), in file order."""
+    """Training prompts (chat messages, the token ids the engines get for them, the reference answer of each), in
+    file order."""
 
     messages: list[list[dict]]
+    ids: list[list[int]]
     references: list[str]
 
     def at(self, pos: int, seed: int) -> int:
@@ -193,12 +195,14 @@ def read_prompts(path: str, tok: Any, context: int, max_tokens: int) -> tuple[Pr
     from tasks.evaluation import HeldOut
 
     rows = HeldOut.read(path)
-    keep = [i for i, m in enumerate(rows.messages) if len(prompt_ids(tok, m)) + max_tokens <= context]
+    ids = [prompt_ids(tok, m) for m in rows.messages]
+    keep = [i for i, x in enumerate(ids) if len(x) + max_tokens <= context]
     if not keep:
         what = "no prompts" if not rows.messages else \
             f"no prompt short enough for {max_tokens} new tokens in a context of {context}"
         raise ConfigError(f"prompts: {path} has {what}")
-    return Prompts([rows.messages[i] for i in keep], [rows.references[i] for i in keep]), len(rows.messages) - len(keep)
+    return (Prompts([rows.messages[i] for i in keep], [ids[i] for i in keep], [rows.references[i] for i in keep]),
+            len(rows.messages) - len(keep))
 
 
 # ------------------------------------------------------------------------------------------------ the source
@@ -302,11 +306,11 @@ class RolloutSource:
         import torch
 
         from actors.engines import GenParams
-        from actors.rollout import PromptItem, prompt_ids
+        from actors.rollout import PromptItem
         from model.losses import IGNORE
         from training.objectives.grpo import group_advantages
 
-        s, prompts, tok = self.plan.settings, self.plan.prompts, self.w.tok
+        s, prompts = self.plan.settings, self.plan.prompts
         picks = [prompts.at(self.pos + i, s.seed) for i in range(s.prompts_per_step)]
         items = [PromptItem(str(i), prompts.messages[p]) for i, p in enumerate(picks)]
         params = GenParams(n=s.group_size, temperature=s.temperature, max_tokens=s.max_tokens,
@@ -325,7 +329,7 @@ class RolloutSource:
             scores, ok = self._score(prompts.messages[p], [c.text for c in res.candidates], prompts.references[p])
             rewards.append(scores)
             passed += ok
-            ids = prompt_ids(tok, prompts.messages[p])
+            ids = prompts.ids[p]  # what the engine was given for this prompt
             for c in res.candidates:
                 seq = ids + list(c.token_ids)
                 rows.append({"inputs": seq[:-1], "labels": [IGNORE] * (len(ids) - 1) + list(c.token_ids)})
@@ -403,21 +407,12 @@ def heldout_accuracy(pool: Any, cfg: GrpoConfig) -> float | None:
     return accuracy(pool, cfg.heldout, cfg.heldout_size, cfg.grpo.max_tokens, cfg.pool.batch_size)
 
 
-def start_pool(cfg: GrpoConfig, policy: str) -> Any:
-    from actors.rollout import RolloutPool
-    from jobs.rejection_sampling import pool_engine_options
-
-    return RolloutPool(policy, num_actors=cfg.pool.num_actors, engine=cfg.pool.engine,
-                       options=pool_engine_options(cfg.pool, cfg.grpo.seed),
-                       actor_options={"num_cpus": cfg.pool.num_cpus, "num_gpus": cfg.pool.num_gpus},
-                       max_in_flight=cfg.pool.max_in_flight)
-
-
 def grpo(cfg: GrpoConfig) -> dict[str, Any]:
     """Run (or resume) a GRPO job; returns final metrics, held-out accuracy before/after and where outputs are."""
     import ray
 
     from actors.scorers import ScorerActor
+    from jobs.rejection_sampling import rollout_pool
     from model.llama import ModelArgs
 
     store = run_store(cfg.run)
@@ -431,7 +426,7 @@ def grpo(cfg: GrpoConfig) -> dict[str, Any]:
     (rd / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
     heldout_file = rd / "heldout.json"
     heldout = json.loads(heldout_file.read_text()) if heldout_file.exists() else {"size": cfg.heldout_size}
-    pool = start_pool(cfg, init_dir)
+    pool = rollout_pool(init_dir, cfg.pool, cfg.grpo.seed)
     reward_scorer = None
     try:
         print(f"[grpo] engine: {pool.engine_name}; {len(prompts.messages)} prompts ({dropped} too long, left out)",

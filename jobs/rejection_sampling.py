@@ -289,17 +289,6 @@ def select(rows: list[dict], sel: SelectionConfig) -> tuple[list[dict], list[dic
 # ------------------------------------------------------------------------------------------------- run
 
 
-def engine_options(cfg: RSConfig) -> EngineOptions:
-    """The pool's engine options with the job's seed, and one GPU per tensor-parallel rank."""
-    return pool_engine_options(cfg.pool, cfg.seed)
-
-
-def pool_engine_options(pool: PoolConfig, seed: int) -> EngineOptions:
-    """``pool``'s engine options with ``seed``, and one GPU per tensor-parallel rank (RS and GRPO pools)."""
-    tp = max(pool.engine_options.tensor_parallel_size, int(pool.num_gpus))
-    return dataclasses.replace(pool.engine_options, seed=seed, tensor_parallel_size=max(1, tp))
-
-
 def check_out(cfg: RSConfig) -> None:
     """Connect to the cluster and refuse an ``out`` that some node cannot reach (a node-local path on several nodes;
     a URI that cannot be written: no bucket, no credentials) — before anything is written or started."""
@@ -319,11 +308,19 @@ def make_pool(cfg: RSConfig):
 
 def start_pool(cfg: RSConfig):
     """The rollout actors for ``cfg`` on the connected cluster (``out`` already checked)."""
+    return rollout_pool(cfg.model, cfg.pool, cfg.seed)
+
+
+def rollout_pool(model: str, pool: PoolConfig, seed: int):
+    """The rollout actors ``pool`` describes, on ``model``, their engines seeded with ``seed`` and given one GPU per
+    tensor-parallel rank (the RS and GRPO jobs' pools)."""
     from actors.rollout import RolloutPool
 
-    return RolloutPool(cfg.model, num_actors=cfg.pool.num_actors, engine=cfg.pool.engine, options=engine_options(cfg),
-                       actor_options={"num_cpus": cfg.pool.num_cpus, "num_gpus": cfg.pool.num_gpus},
-                       max_in_flight=cfg.pool.max_in_flight)
+    tp = max(pool.engine_options.tensor_parallel_size, int(pool.num_gpus))
+    options = dataclasses.replace(pool.engine_options, seed=seed, tensor_parallel_size=max(1, tp))
+    return RolloutPool(model, num_actors=pool.num_actors, engine=pool.engine, options=options,
+                       actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+                       max_in_flight=pool.max_in_flight)
 
 
 def scored_rows(cfg: RSConfig, res, p: Prompt, m_hash: str, model_scorers: dict, stats: dict) -> list[dict]:

@@ -35,12 +35,20 @@ def answer_token_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor, doc:
     The output head runs on the labelled (assistant) positions only: prompt and padding positions never get logits
     (with a 128k vocabulary the head is most of an SFT or DPO step, and full (B, T, V) float32 logits are gigabytes).
     Like ``fused_lm_loss`` it relies on the FSDP root staying unsharded after ``hidden_states`` (training/parallel.py)."""
+    logits, keep = answer_logits(model, tokens, labels, doc, positions)
+    return -F.cross_entropy(logits, labels[keep], reduction="none"), keep
+
+
+def answer_logits(model: nn.Module, tokens: Tensor, labels: Tensor, doc: Tensor | None = None,
+                  positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(float32 logits at the labelled positions (N, V), the (B, T) mask of those positions): the output head on the
+    labelled positions only (see ``answer_token_logprobs``)."""
     from model.losses import IGNORE
 
     keep = labels != IGNORE
     mask = None if positions is None else document_mask(doc)
     h = model.hidden_states(tokens, positions, mask=mask)[keep]  # (N, dim), N = labelled tokens in the micro-batch
-    return -F.cross_entropy(model.output(h).float(), labels[keep], reduction="none"), keep
+    return model.output(h).float(), keep
 
 
 def answer_logprobs(model: nn.Module, tokens: Tensor, labels: Tensor, doc: Tensor | None = None,

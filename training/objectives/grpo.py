@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.objectives.finetune import FinetuneObjective
+from training.objectives.finetune import FinetuneObjective, answer_logits
 
 AdvantageMode = Literal["group", "no_std", "loo"]
 LossNorm = Literal["token", "sequence"]
@@ -87,12 +87,9 @@ def token_mean(values: Tensor, seq: Tensor, num_seqs: int, norm: LossNorm) -> Te
 
 def answer_logprobs_and_entropy(model: nn.Module, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(log p(label) (N,), the policy's entropy at those positions (N,), the (B, T) mask of labelled positions).
-    The output head runs on the labelled positions only, as in ``answer_token_logprobs``."""
-    from model.losses import IGNORE
-
-    keep = labels != IGNORE
-    h = model.hidden_states(tokens)[keep]  # (N, dim)
-    logp_all = F.log_softmax(model.output(h).float(), dim=-1)  # (N, V)
+    The output head runs on the labelled positions only (``answer_logits``)."""
+    logits, keep = answer_logits(model, tokens, labels)
+    logp_all = F.log_softmax(logits, dim=-1)  # (N, V)
     logp = logp_all.gather(1, labels[keep][:, None])[:, 0]
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy, keep
