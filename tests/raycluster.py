@@ -119,7 +119,7 @@ class LocalCluster:
                                 env={**self._node_env, **(env or {})})
         node = Node(name, proc, log, num_cpus, resources)
         self.nodes.append(node)
-        self._wait_for(lambda: self._alive_names().count(name) >= 1, f"node {name} to join", node, 180)
+        self._wait_for(lambda: name in (self._alive_names() or []), f"node {name} to join", node, 180)
         return node
 
     def add_node(self, name: str, *, num_cpus: int = 1, private: Path | None = None,
@@ -136,25 +136,28 @@ class LocalCluster:
                     raise
                 self.nodes = [n for n in self.nodes if n.alive]
 
-    def _alive_names(self) -> list[str]:
-        """Custom resource names of the nodes GCS counts as alive (via ``ray list nodes``: no driver needed)."""
-        r = subprocess.run([str(BIN / "ray"), "list", "nodes", "--format=json", f"--address={self.address}",
-                            "--filter", "state=ALIVE", "--detail"], capture_output=True, text=True,
-                           env=self._node_env, timeout=60)
+    def _alive_names(self) -> list[str] | None:
+        """Custom resource names of the nodes GCS counts as alive (via ``ray list nodes``: no driver needed), or
+        None when the query gave no answer. A query that hangs or fails is "unknown", neither "joined" nor "dead":
+        while the head's dashboard is still starting on a loaded box, ``ray list`` has hung past 60 s (CI, stop 19)
+        — the caller's deadline decides, not one query."""
+        try:
+            r = subprocess.run([str(BIN / "ray"), "list", "nodes", "--format=json", f"--address={self.address}",
+                                "--filter", "state=ALIVE", "--detail"], capture_output=True, text=True,
+                               env=self._node_env, timeout=30)
+        except subprocess.TimeoutExpired:
+            return None
         if r.returncode != 0:
-            return []
+            return None
         try:
             rows = json.loads(r.stdout)
         except json.JSONDecodeError:
-            return []
+            return None
         names = []
         for row in rows:
             res = row.get("resources_total") or {}
             names += [k for k in res if k == "head" or any(k == n.name for n in self.nodes)]
         return names
-
-    def alive_nodes(self) -> list[str]:
-        return self._alive_names()
 
     def _wait_for(self, cond, what: str, node: Node | None, timeout: float) -> None:
         deadline = time.time() + timeout
@@ -174,7 +177,7 @@ class LocalCluster:
         _kill_session(node.proc.pid)
         node.proc.wait(timeout=30)
         if wait_dead:
-            self._wait_for(lambda: node.name not in self._alive_names(), f"GCS to mark {node.name} dead", None, 90)
+            self._wait_for(lambda: node.name not in (self._alive_names() or [node.name]), f"GCS to mark {node.name} dead", None, 90)
 
     def client_env(self) -> dict[str, str]:
         """Environment of a client shell: RAY_ADDRESS + the token settings (what the README tells users)."""
