@@ -27,8 +27,13 @@ GCS, the train controller) share the same two cores, which is where the extra 4 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
+import platform
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,27 +41,70 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretrain_mfu  # noqa: E402
 
 
+def run_plain(a: argparse.Namespace, threads: int, batch: int) -> dict:
+    """The same model, loss and optimizer in a plain single-process PyTorch loop on ``threads`` threads: no Ray, no
+    FSDP, no process group — the baseline a user would write by hand."""
+    import torch
+
+    from model.llama import ModelArgs, Transformer
+    from training.loop import param_groups
+    from training.objectives.pretrain import causal_lm_loss
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    args = ModelArgs.from_name("tiny", max_seq_len=max(a.seq, 2048))
+    model = Transformer(args)
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))  # TrainConfig's defaults
+    data = pretrain_mfu.SyntheticRows(10**9, a.seq, args.vocab_size)
+    times = []
+    for step in range(a.steps):
+        t0 = time.perf_counter()
+        loss = causal_lm_loss(model, data.batch(range(step * batch, (step + 1) * batch), torch.device("cpu")))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    tps = batch * a.seq / statistics.median(times[a.warmup:])
+    return {"workers": 1, "threads": threads, "tokens_per_s": round(tps), "final_loss": round(float(loss), 3),
+            "steps_measured": len(times) - a.warmup}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per optimizer step (all workers together)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--torchrun", action="store_true", help="also the loop under torchrun (no Ray), 1 and 2 procs")
     o = ap.parse_args()
-    argv = ["--preset", "tiny", "--seq", str(o.seq), "--micro", str(o.micro), "--steps", str(o.steps),
-            "--warmup", str(o.warmup), "--no-compile", "--loss", "plain"]
+    cores = os.cpu_count() or 1
+    argv = ["--preset", "tiny", "--seq", str(o.seq), "--steps", str(o.steps), "--warmup", str(o.warmup),
+            "--no-compile", "--loss", "plain"]
     a = pretrain_mfu.parse_args(argv)
-    out: dict = {"bench": "pretrain_cpu", "preset": "tiny", "seq": o.seq, "micro_batch_per_worker": o.micro}
-    for world in (1, 2):
-        out[f"ray_{world}w"] = pretrain_mfu.run_ray(a, world)
-        out[f"no_ray_{world}w"] = pretrain_mfu.run_torchrun(a, world, argv)
-        r, t = out[f"ray_{world}w"], out[f"no_ray_{world}w"]
-        if "tokens_per_s" in r and "tokens_per_s" in t:
-            out[f"ray_overhead_{world}w"] = round(1 - r["tokens_per_s"] / t["tokens_per_s"], 4)
-    for k in list(out):
-        if isinstance(out[k], dict):
-            out[k] = {x.replace("gpus", "workers").replace("per_gpu", "per_worker"): y
-                      for x, y in out[k].items() if x not in ("mfu", "mfu_head_excluded")}
+    out: dict = {"bench": "pretrain_cpu", "preset": "tiny", "seq": o.seq, "batch": o.batch, "cores": cores,
+                 "cpu": platform.processor() or platform.machine(), "loadavg_1min_start": os.getloadavg()[0]}
+    # the baseline first, before any Ray process exists
+    out[f"plain_{cores}t"] = run_plain(o, cores, o.batch)
+    if cores > 1:
+        out["plain_1t"] = run_plain(o, 1, o.batch)
+    # (workers, CPUs each): one worker holding every core, one worker per core (pretrain-tiny's layout), one on 1 CPU
+    layouts = [(1, cores), (cores, 1), (1, 1)] if cores > 1 else [(1, 1)]
+    for world, cpus in layouts:
+        w = copy.copy(a)
+        w.micro = o.batch // world
+        out[f"ray_{world}w_{cpus}cpu"] = pretrain_mfu.run_ray(w, world, cpus)
+        if o.torchrun and cpus == 1:
+            out[f"torchrun_{world}p"] = pretrain_mfu.run_torchrun(w, world, argv + ["--micro", str(w.micro)])
+    base = out[f"plain_{cores}t"]["tokens_per_s"]
+    for k, v in list(out.items()):
+        if isinstance(v, dict):
+            v = {x.replace("gpus", "workers").replace("per_gpu", "per_worker"): y
+                 for x, y in v.items() if x not in ("mfu", "mfu_head_excluded", "peak_mem_gb")}
+            if "tokens_per_s" in v:
+                v["vs_plain"] = round(v["tokens_per_s"] / base, 3)
+            out[k] = v
+    out["loadavg_1min_end"] = os.getloadavg()[0]
     print(json.dumps(out))
     return 0
 

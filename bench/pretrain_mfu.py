@@ -149,7 +149,9 @@ def summarise(metrics_dir: str, a: argparse.Namespace, world: int, wall: float) 
             "final_loss": round(float(rows[-1]["loss"]), 3), "steps_measured": len(rows), "wall_s": round(wall, 1)}
 
 
-def run_ray(a: argparse.Namespace, world: int) -> dict:
+def run_ray(a: argparse.Namespace, world: int, cpus_per_worker: float = 1.0) -> dict:
+    """The loop on ``world`` Ray Train workers; on CPU each holds ``cpus_per_worker`` CPUs (Ray sets its
+    OMP_NUM_THREADS, so its torch threads, to that)."""
     import ray
     import torch
     import ray.train
@@ -168,7 +170,9 @@ def run_ray(a: argparse.Namespace, world: int) -> dict:
 
     t0 = time.time()
     trainer = TorchTrainer(fn, train_loop_config={"spec": spec},
-                           scaling_config=ray.train.ScalingConfig(num_workers=world, use_gpu=torch.cuda.is_available()),
+                           scaling_config=ray.train.ScalingConfig(
+                               num_workers=world, use_gpu=torch.cuda.is_available(),
+                               resources_per_worker=None if torch.cuda.is_available() else {"CPU": cpus_per_worker}),
                            run_config=ray.train.RunConfig(name=f"mfu-{world}-{int(t0)}", storage_path=d + "/ray"))
     try:
         res = trainer.fit()

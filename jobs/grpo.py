@@ -25,8 +25,8 @@ the export into the pool and measures held-out accuracy again (``<run>/heldout.j
 
 Metrics per step (``<run>/metrics/metrics.csv``, TensorBoard, the progress bar): loss, policy_loss, kl, clip_frac,
 entropy, reward_mean, reward_std, pass_rate (verifier passes; with a reward model the share rewarded above 0),
-answer_len, rollout_s, rollout_tokens_per_s, sync_s, skipped (batches skipped so far), plus the loop's tokens/s and
-grad_norm.
+answer_len, rollout_s, rollout_tokens_per_s, rollout_wait_s, policy_lag, sync_s, skipped (batches skipped so far),
+plus the loop's tokens/s and grad_norm.
 
 No signal: a batch whose rewards are equal within every group has zero advantages; it is skipped with a warning and
 the next prompts are drawn (``skipped`` counts them); ``max_skips`` such batches in a row stop the run with an error
@@ -35,8 +35,17 @@ a killed run rerun with the same ``run.name`` continues from its last checkpoint
 samples a fresh batch). A rollout actor that dies is replaced by the pool, gets the latest weights, and its prompts
 are sampled again.
 
+Overlap (``grpo.overlap``, off by default): rank 0 starts sampling the next batch, in a background thread, right
+after this batch's weights reached the engines, and training runs meanwhile; the next batch therefore comes from
+weights one batch (``updates_per_batch`` steps) old. ``old_logp`` is taken under the weights that train the batch
+first (the ratio's anchor, as in decoupled/asynchronous PPO), and the one-batch gap between the sampling weights and
+those is not corrected (no behaviour-policy importance weight). ``policy_lag`` records the gap per step (0 on-policy);
+``rollout_wait_s`` is how long training waited for its batch (≈ rollout_s on-policy, less when the overlap hides the
+sampling). No batch is started that no step will train; a batch in flight at a checkpoint is not in its prompt
+position, so a resumed run samples those prompts again.
+
 Leaves out: NCCL weight broadcast on GPUs (the object store carries the weights there too; ``sync_s`` says what it
-costs), rollouts overlapping training (off-policy by one), PPO's value model.
+costs), a behaviour-policy correction for the overlap, PPO's value model.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import random
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -85,6 +95,10 @@ class GrpoSettings:
     """Most new tokens per answer (also for the held-out greedy answers)."""
     max_skips: int = 8
     """Consecutive batches with no signal (all rewards equal in every group) before the run stops."""
+    overlap: bool = False
+    """Sample the next rollout batch while this one trains (off-policy by one batch: it comes from the weights
+    before this batch's updates; the ``policy_lag`` metric says by how many steps). Off: every batch is sampled
+    from the weights it first trains (on-policy)."""
     seed: int = 0
     """Seed of the prompt order and of the sampling."""
 
@@ -240,6 +254,9 @@ class RolloutSource:
         self.synced_step: int | None = 0  # the engines hold the weights after this many steps (0: the start)
         self.batch: list[dict] | None = None  # this rank's micro-batches of the current rollout batch
         self.model = self.w = self.ref = None
+        self.pending: Future | None = None  # rank 0 with grpo.overlap: the next batch, being sampled
+        self.pending_pos = 0  # the prompt stream position the pending batch starts at
+        self._sampler: ThreadPoolExecutor | None = None
 
     # the loop's hooks
     def bind_policy(self, model: Any, w: Any) -> None:
@@ -253,7 +270,8 @@ class RolloutSource:
             self.synced_step = None  # the engines hold the starting weights, not the checkpoint's
 
     def state(self) -> dict[str, Any]:
-        return {"prompt_pos": self.pos, "skipped": self.skipped}
+        # a batch in flight is not trained yet: a resumed run samples its prompts again
+        return {"prompt_pos": self.pending_pos if self.pending is not None else self.pos, "skipped": self.skipped}
 
     def micro_batch(self, consumed: int, accum_step: int, device: Any) -> dict:
         n = self.plan.settings.batch_sequences
@@ -264,11 +282,17 @@ class RolloutSource:
 
     # one rollout batch
     def _new_batch(self, step: int, device: Any) -> None:
+        """Collective: this step's rollout batch on every rank (skipping batches without signal); with overlap,
+        the next batch is started once this one's weights are in the engines."""
         import torch.distributed as dist
 
-        sync_s = self._sync(step)
-        for _ in range(self.plan.settings.max_skips):
-            payload = [self._rollouts() if self.w.rank == 0 else None]
+        s = self.plan.settings
+        in_flight = bool(self.w.rank == 0 and self.pending is not None)
+        flags = [in_flight]
+        dist.broadcast_object_list(flags, src=0)
+        sync_s = 0.0 if flags[0] else self._sync(step)  # nothing in flight: sample from the live weights
+        for _ in range(s.max_skips):
+            payload = [self._collect(step) if self.w.rank == 0 else None]
             dist.broadcast_object_list(payload, src=0)
             rows, stats, self.pos = payload[0]
             if stats.pop("signal"):
@@ -282,8 +306,30 @@ class RolloutSource:
             raise RuntimeError(f"grpo: {self.plan.settings.max_skips} rollout batches in a row had equal rewards "
                                "within every group — the reward gives no signal (all answers right or all wrong); "
                                "use easier/harder prompts, a larger group_size or a higher temperature")
+        if s.overlap:
+            sync_s += self._sync(step)  # the engines are idle now: give them this step's weights …
+            if self.w.rank == 0 and step + s.updates_per_batch < self.w.spec.train.max_steps:
+                self._start(self.pos)  # … and sample the next batch from them while this one trains
         stats = {**stats, "sync_s": sync_s, "skipped": float(self.skipped)}
         self.batch = self._micro_batches(rows, stats, device)
+
+    def _start(self, pos: int) -> None:
+        """Rank 0: sample the batch at stream position ``pos`` in the background."""
+        if self._sampler is None:
+            self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-rollouts")
+        self.pending, self.pending_pos = self._sampler.submit(self._rollouts, pos, self.synced_step), pos
+
+    def _collect(self, step: int) -> tuple[list[dict], dict[str, float], int]:
+        """Rank 0: the batch in flight (or one sampled now), its statistics with policy_lag and rollout_wait_s."""
+        t0 = time.perf_counter()
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            rows, stats, pos, sampled_at = pending.result()
+        else:
+            rows, stats, pos, sampled_at = self._rollouts(self.pos, self.synced_step)
+        stats["rollout_wait_s"] = time.perf_counter() - t0
+        stats["policy_lag"] = float(step - sampled_at) if sampled_at is not None else float("nan")
+        return rows, stats, pos
 
     def _sync(self, step: int) -> float:
         """Collective: the current weights into every rollout engine when they hold older ones; seconds taken."""
@@ -301,8 +347,9 @@ class RolloutSource:
         self.synced_step = step
         return time.perf_counter() - t0
 
-    def _rollouts(self) -> tuple[list[dict], dict[str, float], int]:
-        """Rank 0: sample, score and turn into training rows one batch of prompts; (rows, stats, next position)."""
+    def _rollouts(self, pos: int, version: int | None) -> tuple[list[dict], dict[str, float], int, int | None]:
+        """Rank 0: sample, score and turn into training rows the batch of prompts at stream position ``pos``;
+        (rows, stats, next position, ``version``: the step whose weights the engines sample from)."""
         import torch
 
         from actors.engines import GenParams
@@ -311,10 +358,10 @@ class RolloutSource:
         from training.objectives.grpo import group_advantages
 
         s, prompts = self.plan.settings, self.plan.prompts
-        picks = [prompts.at(self.pos + i, s.seed) for i in range(s.prompts_per_step)]
+        picks = [prompts.at(pos + i, s.seed) for i in range(s.prompts_per_step)]
         items = [PromptItem(str(i), prompts.messages[p]) for i, p in enumerate(picks)]
         params = GenParams(n=s.group_size, temperature=s.temperature, max_tokens=s.max_tokens,
-                           seed=s.seed + self.pos)
+                           seed=s.seed + pos)
         t0 = time.perf_counter()
         results: dict[str, Any] = {}
         b = self.plan.pool_batch
@@ -342,7 +389,7 @@ class RolloutSource:
                  "pass_rate": sum(passed) / len(passed), "answer_len": new_tokens / len(rows),
                  "rollout_s": rollout_s, "rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
                  "signal": bool((adv != 0).any())}
-        return rows, stats, self.pos + s.prompts_per_step
+        return rows, stats, pos + s.prompts_per_step, version
 
     def _score(self, messages: list[dict], answers: list[str], reference: str) -> tuple[list[float], list[bool]]:
         """(reward of each answer, whether it "passed": the verifier's verdict, or a reward model's score > 0)."""

@@ -175,6 +175,7 @@ def test_grpo_raises_heldout_accuracy_with_weights_synced_in_memory(sft_trained,
     rows = list(csv.DictReader((tmp_path / "grpo" / "metrics" / "metrics.csv").open()))
     assert len(rows) == 40
     assert float(rows[0]["sync_s"]) == 0.0 and all(float(r["sync_s"]) > 0 for r in rows[1:])
+    assert all(float(r["policy_lag"]) == 0 for r in rows)  # on-policy: each batch sampled from the weights it trains
     for key in ("reward_mean", "reward_std", "pass_rate", "clip_frac", "entropy", "answer_len",
                 "rollout_tokens_per_s"):
         assert all(math.isfinite(float(r[key])) for r in rows), key
@@ -186,7 +187,12 @@ def test_grpo_raises_heldout_accuracy_with_weights_synced_in_memory(sft_trained,
 def test_killed_grpo_worker_resumes_at_its_checkpoint_with_the_prompt_position(sft_trained, tmp_path):
     """A worker SIGKILLed after step 14 (checkpoints every 5 steps): Ray Train restarts the group from step 10's
     checkpoint, which holds the prompt stream's position; the restarted source first pushes the checkpoint's
-    weights into the rollout actor (sync at step 11), and the run ends at step 20 with every step's row."""
+    weights into the rollout actor (sync at step 11), and the run ends at step 20 with every step's row.
+
+    With grpo.overlap on: each batch after the first was sampled while the previous one trained, from weights one
+    step old (policy_lag 1), except the first batch of each attempt (0: nothing was in flight); the batch in flight
+    at step 10's checkpoint is not in its prompt position (the resumed run samples it again: 80 prompts in all),
+    and no batch is started after the last step's."""
     import csv
 
     from jobs.grpo import grpo
@@ -195,7 +201,8 @@ def test_killed_grpo_worker_resumes_at_its_checkpoint_with_the_prompt_position(s
     f = _files(tmp_path, 64)
     out = grpo(_grpo_cfg(base, f, tmp_path, "run.name=resume", "train.max_steps=20", "run.ckpt_every=5",
                          "grpo.prompts_per_step=4", "grpo.group_size=4", "train.micro_batch_size=16",
-                         "heldout_size=8", "run.callbacks=[tests.faults:kill_before_step_15]"))
+                         "heldout_size=8", "run.callbacks=[tests.faults:kill_before_step_15]",
+                         "grpo.overlap=true"))
     rd = tmp_path / "resume"
     assert (rd / "metrics" / "killed-at-15").exists()
     attempts = [json.loads(p.read_text()) for p in sorted((rd / "metrics").glob("attempt-*.json"))]
@@ -203,6 +210,7 @@ def test_killed_grpo_worker_resumes_at_its_checkpoint_with_the_prompt_position(s
     rows = list(csv.DictReader((rd / "metrics" / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == list(range(1, 21))
     assert float(rows[10]["sync_s"]) > 0  # step 11: the checkpoint's weights went into the actor first
+    assert [float(r["policy_lag"]) for r in rows] == [0.0] + [1.0] * 9 + [0.0] + [1.0] * 9
     from training.checkpointing import read_train_state
 
     state = read_train_state(Path(out["checkpoint"]))
