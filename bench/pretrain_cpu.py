@@ -46,14 +46,14 @@ def run_plain(a: argparse.Namespace, threads: int, batch: int) -> dict:
     FSDP, no process group — the baseline a user would write by hand."""
     import torch
 
-    from model.llama import ModelArgs, Transformer
+    from model.llama import ModelArgs, build_model
     from training.loop import param_groups
     from training.objectives.pretrain import causal_lm_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     args = ModelArgs.from_name("tiny", max_seq_len=max(a.seq, 2048))
-    model = Transformer(args)
+    model = build_model(args, seed=0)  # as PretrainObjective.build_model
     opt = torch.optim.AdamW(param_groups(model, 0.1), lr=3e-4, betas=(0.9, 0.95))  # TrainConfig's defaults
     data = pretrain_mfu.SyntheticRows(10**9, a.seq, args.vocab_size)
     times = []

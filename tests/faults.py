@@ -33,6 +33,21 @@ def kill_before_step_15(step: int, ctx: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def hold_after_step_13(step: int, ctx: Any) -> None:
+    """Rank 0 stops the run after step 13 until something kills the group (the test kills a node), once: it leaves
+    ``<metrics>/held-at-13`` so that the restarted group runs through. "A node dies mid-run" then holds however fast
+    the steps are (tests/test_cluster.py used a 4× larger model to stay mid-run long enough)."""
+    w = ctx.worker
+    if step != 13 or w.rank != 0 or not w.spec.metrics_dir:
+        return
+    marker = Path(w.spec.metrics_dir, "held-at-13")
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    time.sleep(900)  # the test's own deadline fails first if no kill comes
+
+
 def record_consumed(step: int, ctx: Any) -> None:
     """Collective: every worker appends the idx of the rows it trained on in ``step`` (streamed pretraining rows:
     training/data_stream.StreamRows) to ``<metrics>/consumed-<attempt>-r<rank>.jsonl``; tests/test_pretrain.py's

@@ -103,12 +103,13 @@ def test_node_local_storage_is_refused_before_any_worker(cl):
 
 def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     """Relative storage lands in $LLAMARAY_STORAGE, not Ray's package; node2 dies after the step-10 checkpoint and a
-    replacement node joins: the run resumes from the checkpoint and ends with every step once and every row once."""
+    replacement node joins: the run resumes from the checkpoint and ends with every step once and every row once.
+    The run holds after step 13 until the node dies (tests/faults.hold_after_step_13), so the small test model's fast
+    steps cannot finish the run before the kill."""
     client = cl.job_client()
     corpus = make_corpus(cl.shared / "corpus.txt", docs=100)
-    over = overrides(corpus, "runs", "cluster-pretrain", **{"train.max_steps": 40,
-                                                            "run.callbacks": "[tests.faults:record_consumed]",
-                                                            "model.dim": 256, "model.n_layers": 4})
+    over = overrides(corpus, "runs", "cluster-pretrain", **{
+        "train.max_steps": 40, "run.callbacks": "[tests.faults:record_consumed, tests.faults:hold_after_step_13]"})
     job = submit(cl, job_args("jobs.pretrain", "--config", "tiny", sets=over))
     run = cl.shared / "runs" / "cluster-pretrain"
     csv = run / "metrics" / "metrics.csv"
@@ -126,6 +127,7 @@ def test_submitted_pretrain_spans_both_nodes_and_survives_a_node_loss(cl):
     wait_for(lambda: (last_step() >= 13 and registered()) or client.get_job_status(job).is_terminal(), 400,
              "step 13 with the step-10 checkpoint registered")
     assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+    assert last_step() == 13  # held there
     cl.kill_node(cl.node2)
     cl.node2 = cl.add_node("node3")
     assert cl.wait_job(client, job, 600) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
@@ -174,6 +176,7 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     wait_for(lambda: len(list((out / "shards").glob("part-*.parquet"))) >= 3
              or client.get_job_status(job).is_terminal(), 300, "three shards")
     assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
+    assert last_step() == 13  # held there
     cl.kill_node(cl.node2)
     cl.node2 = cl.add_node("node4")
     assert cl.wait_job(client, job, 600) == "SUCCEEDED", client.get_job_logs(job)[-5000:]

@@ -9,7 +9,8 @@ Measurements that set the bars (2 CPU workers): init = a 100-step SFT, 60 DPO st
 0.02 → 0.59 with chosen log-probs collapsing (−7 → −35; lr too high). Kept setting (300-step SFT init, 100 DPO steps,
 lr 5e-4, β 0.1): held-out implicit-reward accuracy 0.05 → 0.81 (step 50) → 0.92, reward margin 0 → 1.08, policy
 log-prob margin (chosen − rejected) 14.4 → 25.1 nats. Bars: accuracy ≥ 0.6, reward margin ≥ 0.3, log-prob margin up
-by ≥ 2 nats. The module takes ~4 min on the shared 2-core box.
+by ≥ 2 nats. Since stop 19 the run stops at step 50, where every bar was already met (suite of 2026-12-08: accuracy
+0 → 0.77, reward margin 0 → 0.48, log-prob margin 8.7 → 13.5; step 100 added 0.80 / 0.59 / 14.6 for 45 s more).
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ def pairs(tmp_path_factory) -> dict[str, Path]:
 
 
 def dpo_overrides(start: Path, pairs: dict[str, Path], storage: Path, name: str, **extra) -> list[str]:
-    base = {"init": start, "data.train": pairs["train"], "data.val": pairs["val"], "train.max_steps": 100,
+    base = {"init": start, "data.train": pairs["train"], "data.val": pairs["val"], "train.max_steps": 50,
             "train.batch_size": 16, "train.micro_batch_size": 8, "train.lr": 5e-4, "train.warmup_steps": 5,
-            "train.eval_sequences": 64, "run.eval_every": 50, "beta": 0.1}
+            "train.eval_sequences": 64, "run.eval_every": 25, "beta": 0.1}
     base.update(extra)
     return common(storage, name) + [f"{k}={v}" for k, v in base.items()]
 
@@ -105,7 +106,7 @@ def full_dpo(sft_init, pairs, tmp_path_factory):
 def test_dpo_raises_held_out_margin_and_accuracy(full_dpo):
     run, out = full_dpo
     ev = evals(run)
-    assert [e["step"] for e in ev] == [0, 50, 100]
+    assert [e["step"] for e in ev] == [0, 25, 50]
     first, last = ev[0], ev[-1]
     assert abs(first["val_reward_margin"]) < 1e-3 and first["val_reward_accuracy"] <= 0.2  # policy == reference
     assert last["val_reward_accuracy"] >= 0.6, ev

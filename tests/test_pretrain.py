@@ -164,7 +164,7 @@ def test_export_loads_in_vllm_and_generates(trained):
 
 
 def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
-    args = overrides(corpus, tmp_path, "driver", **{"train.max_steps": 60, "run.ckpt_every": 5, "run.export": False,
+    args = overrides(corpus, tmp_path, "driver", **{"train.max_steps": 30, "run.ckpt_every": 5, "run.export": False,
                                                     "run.callbacks": f"[{RECORD}]"})
     cmd = [sys.executable, "-m", "jobs.pretrain", "--config", "tiny"] + [a for kv in args for a in ("--set", kv)]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -182,7 +182,7 @@ def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
         proc.wait()
     rows = read_csv(run / "metrics" / "metrics.csv")
     killed_at = int(rows[-1]["step"])
-    assert 5 <= killed_at < 60, "the driver must die mid-run"
+    assert 5 <= killed_at < 30, "the driver must die mid-run"
 
     cfg = load_config(PretrainConfig, "tiny", args + ["scaling.num_workers=1"])
     out = pretrain(cfg)
@@ -190,9 +190,9 @@ def test_killed_driver_rerun_resumes_on_one_worker(corpus, tmp_path):
     assert tries[-1]["world_size"] == 1 and tries[-1]["resumed_from_step"] >= 5
     assert tries[-1]["consumed"] == tries[-1]["resumed_from_step"] * cfg.train.batch_size
     rows = read_csv(run / "metrics" / "metrics.csv")
-    assert [int(r["step"]) for r in rows] == list(range(1, 61))
-    assert rows[-1]["world_size"] == "1" and out["metrics"]["step"] == 60
-    assert len(assert_data_exact(run, cfg.train.batch_size, 60)) >= 2  # 2 workers, then 1, across an epoch
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    assert rows[-1]["world_size"] == "1" and out["metrics"]["step"] == 30
+    assert len(assert_data_exact(run, cfg.train.batch_size, 30)) >= 2  # 2 workers, then 1, across an epoch
 
 
 @pytest.mark.parametrize("case,extra,message", [
