@@ -176,7 +176,6 @@ def test_submitted_rs_survives_losing_an_actors_node(cl):
     wait_for(lambda: len(list((out / "shards").glob("part-*.parquet"))) >= 3
              or client.get_job_status(job).is_terminal(), 300, "three shards")
     assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-3000:]
-    assert last_step() == 13  # held there
     cl.kill_node(cl.node2)
     cl.node2 = cl.add_node("node4")
     assert cl.wait_job(client, job, 600) == "SUCCEEDED", client.get_job_logs(job)[-5000:]
