@@ -21,6 +21,16 @@ import pytest
 # nodes of tests/raycluster.py and the jobs run in subprocesses inherit it too.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+# Each xdist worker keeps its Ray instances in a temp directory of its own. Ray's default one is shared, and a local
+# cluster that ``ray.cluster_utils.Cluster`` (test_storage_uri) starts writes its address into
+# <temp>/ray/ray_current_cluster, where any ``ray.init()`` without an address — in the other worker too — finds it
+# and joins that cluster (or fails: "When connecting to an existing cluster, num_cpus … must not be provided", seen
+# in a 3-worker trial). Set before any Ray starts; subprocess jobs and their instances inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _ray_tmp = Path(os.environ.get("RAY_TMPDIR", "/tmp"), f"ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    _ray_tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(_ray_tmp)
+
 
 def _shutdown_ray() -> None:
     import ray
