@@ -22,30 +22,30 @@ def kill_before_step_15(step: int, ctx: Any) -> None:
     ``<metrics>/killed-at-15`` so that a restarted group does not do it again. It waits for Ray Train to take in
     the reports made so far first: "killed after a checkpoint"."""
     w = ctx.worker
-    if step != 14 or w.rank != w.world - 1 or not w.spec.metrics_dir:
-        return
-    marker = Path(w.spec.metrics_dir, "killed-at-15")
-    if marker.exists():
-        return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.touch()
-    w.session.settle()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if step == 14 and _once(w, w.world - 1, "killed-at-15"):
+        w.session.settle()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hold_after_step_13(step: int, ctx: Any) -> None:
     """Rank 0 stops the run after step 13 until something kills the group (the test kills a node), once: it leaves
     ``<metrics>/held-at-13`` so that the restarted group runs through. "A node dies mid-run" then holds however fast
     the steps are (tests/test_cluster.py used a 4× larger model to stay mid-run long enough)."""
-    w = ctx.worker
-    if step != 13 or w.rank != 0 or not w.spec.metrics_dir:
-        return
-    marker = Path(w.spec.metrics_dir, "held-at-13")
+    if step == 13 and _once(ctx.worker, 0, "held-at-13"):
+        time.sleep(900)  # the test's own deadline fails first if no kill comes
+
+
+def _once(w: Any, rank: int, marker_name: str) -> bool:
+    """True on worker ``rank`` the first time in a run (the run's ``<metrics>/marker_name`` is then left, so that a
+    restarted group does not act again)."""
+    if w.rank != rank or not w.spec.metrics_dir:
+        return False
+    marker = Path(w.spec.metrics_dir, marker_name)
     if marker.exists():
-        return
+        return False
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    time.sleep(900)  # the test's own deadline fails first if no kill comes
+    return True
 
 
 def record_consumed(step: int, ctx: Any) -> None:
