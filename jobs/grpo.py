@@ -254,8 +254,8 @@ class RolloutSource:
         self.synced_step: int | None = 0  # the engines hold the weights after this many steps (0: the start)
         self.batch: list[dict] | None = None  # this rank's micro-batches of the current rollout batch
         self.model = self.w = self.ref = None
-        self.pending: Future | None = None  # rank 0 with grpo.overlap: the next batch, being sampled
-        self.pending_pos = 0  # the prompt stream position the pending batch starts at
+        self.pending_pos: int | None = None  # grpo.overlap: where the batch in flight starts (every rank knows)
+        self.pending: Future | None = None  # rank 0: that batch, being sampled
         self._sampler: ThreadPoolExecutor | None = None
 
     # the loop's hooks
@@ -271,7 +271,7 @@ class RolloutSource:
 
     def state(self) -> dict[str, Any]:
         # a batch in flight is not trained yet: a resumed run samples its prompts again
-        return {"prompt_pos": self.pending_pos if self.pending is not None else self.pos, "skipped": self.skipped}
+        return {"prompt_pos": self.pos if self.pending_pos is None else self.pending_pos, "skipped": self.skipped}
 
     def micro_batch(self, consumed: int, accum_step: int, device: Any) -> dict:
         n = self.plan.settings.batch_sequences
@@ -287,14 +287,12 @@ class RolloutSource:
         import torch.distributed as dist
 
         s = self.plan.settings
-        in_flight = bool(self.w.rank == 0 and self.pending is not None)
-        flags = [in_flight]
-        dist.broadcast_object_list(flags, src=0)
-        sync_s = 0.0 if flags[0] else self._sync(step)  # nothing in flight: sample from the live weights
+        sync_s = 0.0 if self.pending_pos is not None else self._sync(step)  # nothing in flight: the live weights
         for _ in range(s.max_skips):
             payload = [self._collect(step) if self.w.rank == 0 else None]
             dist.broadcast_object_list(payload, src=0)
             rows, stats, self.pos = payload[0]
+            self.pending_pos = None  # the batch in flight, if any, was the first one collected
             if stats.pop("signal"):
                 break
             self.skipped += 1
@@ -308,8 +306,10 @@ class RolloutSource:
                                "use easier/harder prompts, a larger group_size or a higher temperature")
         if s.overlap:
             sync_s += self._sync(step)  # the engines are idle now: give them this step's weights …
-            if self.w.rank == 0 and step + s.updates_per_batch < self.w.spec.train.max_steps:
-                self._start(self.pos)  # … and sample the next batch from them while this one trains
+            if step + s.updates_per_batch < self.w.spec.train.max_steps:
+                self.pending_pos = self.pos  # … and sample the next batch from them while this one trains
+                if self.w.rank == 0:
+                    self._start(self.pos)
         stats = {**stats, "sync_s": sync_s, "skipped": float(self.skipped)}
         self.batch = self._micro_batches(rows, stats, device)
 
@@ -317,7 +317,7 @@ class RolloutSource:
         """Rank 0: sample the batch at stream position ``pos`` in the background."""
         if self._sampler is None:
             self._sampler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-rollouts")
-        self.pending, self.pending_pos = self._sampler.submit(self._rollouts, pos, self.synced_step), pos
+        self.pending = self._sampler.submit(self._rollouts, pos, self.synced_step)
 
     def _collect(self, step: int) -> tuple[list[dict], dict[str, float], int]:
         """Rank 0: the batch in flight (or one sampled now), its statistics with policy_lag and rollout_wait_s."""
@@ -328,7 +328,7 @@ class RolloutSource:
         else:
             rows, stats, pos, sampled_at = self._rollouts(self.pos, self.synced_step)
         stats["rollout_wait_s"] = time.perf_counter() - t0
-        stats["policy_lag"] = float(step - sampled_at) if sampled_at is not None else float("nan")
+        stats["policy_lag"] = float(step - sampled_at)
         return rows, stats, pos
 
     def _sync(self, step: int) -> float:
@@ -347,7 +347,7 @@ class RolloutSource:
         self.synced_step = step
         return time.perf_counter() - t0
 
-    def _rollouts(self, pos: int, version: int | None) -> tuple[list[dict], dict[str, float], int, int | None]:
+    def _rollouts(self, pos: int, version: int) -> tuple[list[dict], dict[str, float], int, int]:
         """Rank 0: sample, score and turn into training rows the batch of prompts at stream position ``pos``;
         (rows, stats, next position, ``version``: the step whose weights the engines sample from)."""
         import torch

@@ -177,7 +177,8 @@ class LocalCluster:
         _kill_session(node.proc.pid)
         node.proc.wait(timeout=30)
         if wait_dead:
-            self._wait_for(lambda: node.name not in (self._alive_names() or [node.name]), f"GCS to mark {node.name} dead", None, 90)
+            self._wait_for(lambda: node.name not in (self._alive_names() or [node.name]),  # no answer: not yet dead
+                           f"GCS to mark {node.name} dead", None, 90)
 
     def client_env(self) -> dict[str, str]:
         """Environment of a client shell: RAY_ADDRESS + the token settings (what the README tells users)."""
